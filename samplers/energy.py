@@ -1,0 +1,90 @@
+"""The energy contract every sampler relies on, and its validation.
+
+``energy_fn(y: Tensor[C, *event]) -> Tensor[C]`` or ``Tensor[C, S]`` (per-position energies, as in the
+autoregressive EBT). Lower is better. A sampler differentiates the *sum* of the returned energies: chains
+(and, for ``[C, S]`` energies, positions) are independent, so one backward pass gives every chain its own
+gradient.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+EnergyFn = Callable[[Tensor], Tensor]
+
+
+class EnergyAndGrad(NamedTuple):
+    energy: Tensor  # [C] total energy per chain (per-position energies summed)
+    per_position: Tensor  # [C] or [C, S] exactly as ``energy_fn`` returned it
+    grad: Tensor  # [C, *event] gradient of the energy w.r.t. the state
+
+
+def log_density(energy: Tensor) -> Tensor:
+    """The one place where the sign convention flips: log p(y) = -E(y) (up to a constant)."""
+    return -energy
+
+
+def check_energy_shape(per_position: Tensor, y: Tensor) -> None:
+    """Raise a clear error unless ``per_position`` is ``[C]`` or ``[C, S]`` for ``C = y.shape[0]``."""
+    num_chains = y.shape[0]
+    if not isinstance(per_position, Tensor):
+        raise TypeError(f"energy_fn must return a Tensor, got {type(per_position).__name__}")
+    if per_position.dim() not in (1, 2) or per_position.shape[0] != num_chains:
+        raise ValueError(
+            f"energy_fn returned shape {tuple(per_position.shape)} for a state of shape {tuple(y.shape)}; "
+            f"expected [C]={[num_chains]} (one energy per chain) or [C, S] (per-position energies). "
+            "Chains are the leading dimension of the state: do not reduce over them."
+        )
+    if not per_position.is_floating_point():
+        raise TypeError(f"energy_fn must return a floating-point tensor, got {per_position.dtype}")
+
+
+def check_state(y: Tensor) -> None:
+    if not isinstance(y, Tensor):
+        raise TypeError(f"the initial state must be a Tensor [C, *event], got {type(y).__name__}")
+    if y.dim() < 1 or y.shape[0] == 0:
+        raise ValueError(f"the initial state must have a leading chain dimension C >= 1, got shape {tuple(y.shape)}")
+    if not y.is_floating_point():
+        raise TypeError(f"the initial state must be floating point, got {y.dtype}")
+
+
+def check_finite_start(energy: Tensor, grad: Tensor) -> None:
+    """At initialization (outside any step loop, so the host sync is acceptable) reject non-finite values."""
+    bad = ~torch.isfinite(energy)
+    if bool(bad.any()):
+        chains = bad.nonzero().flatten().tolist()[:10]
+        raise ValueError(
+            f"energy_fn returned a non-finite energy at the initial state for chains {chains}; "
+            "start the chains inside the support of the energy (where it is finite)."
+        )
+    bad_grad = ~torch.isfinite(grad.flatten(1)).all(dim=1)
+    if bool(bad_grad.any()):
+        chains = bad_grad.nonzero().flatten().tolist()[:10]
+        raise ValueError(f"the gradient of the energy is non-finite at the initial state for chains {chains}.")
+
+
+def energy_and_grad(
+    energy_fn: EnergyFn,
+    y: Tensor,
+    *,
+    create_graph: bool = False,
+    validate: bool = False,
+) -> EnergyAndGrad:
+    """Evaluate the energy and its gradient w.r.t. ``y``.
+
+    ``create_graph=True`` keeps the graph of the gradient itself (second order), which the differentiable
+    mode needs so that a loss on a later state reaches the energy's parameters through every step.
+    Without it the returned tensors are detached. ``validate`` checks the shape (cheap, no host sync).
+    """
+    with torch.enable_grad():
+        y_in = y if (create_graph and y.requires_grad) else y.detach().requires_grad_(True)
+        per_position = energy_fn(y_in)
+        if validate:
+            check_energy_shape(per_position, y)
+        energy = per_position if per_position.dim() == 1 else per_position.sum(dim=1)
+        (grad,) = torch.autograd.grad(energy.sum(), y_in, create_graph=create_graph)
+    if not create_graph:
+        energy, per_position, grad = energy.detach(), per_position.detach(), grad.detach()
+    return EnergyAndGrad(energy, per_position, grad)
