@@ -1,0 +1,14 @@
+"""Backbones and energy heads for energy-based models (torch only; no gin, no trainer)."""
+from architectures.bidirectional import BidirectionalConfig, BidirectionalTransformer
+from architectures.ebt import EBT, ContextCache
+from architectures.heads import LinearEnergyHead, LMHead, MeanPatchEnergyHead, QuadraticEnergyHead
+from architectures.layers import (RMSNorm, RotaryEmbedding, SelfAttention, SwiGLU, TransformerBlock, attention,
+                                  attention_with_self, causal_mask)
+from architectures.transformer import PRESETS, KVCache, TransformerConfig, TransformerPP
+
+__all__ = [
+    "BidirectionalConfig", "BidirectionalTransformer", "EBT", "ContextCache", "LinearEnergyHead", "LMHead",
+    "MeanPatchEnergyHead", "QuadraticEnergyHead", "RMSNorm", "RotaryEmbedding", "SelfAttention", "SwiGLU",
+    "TransformerBlock", "attention", "attention_with_self", "causal_mask", "PRESETS", "KVCache",
+    "TransformerConfig", "TransformerPP",
+]

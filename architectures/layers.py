@@ -1,0 +1,227 @@
+"""Shared Transformer building blocks: RMSNorm, rotary embeddings, SwiGLU, attention, init helpers.
+
+Shapes: ``B`` batch, ``T``/``S`` sequence, ``D`` width, ``H`` heads, ``Dh = D // H`` head width.
+Attention masks are boolean with ``True`` = "may attend", broadcastable to ``[B, H, Tq, Tk]``.
+
+Second-order gradients: PyTorch's fused ``scaled_dot_product_attention`` kernels have no double backward
+(some drop second-order terms silently). :func:`attention` therefore runs plain matmul + float32 softmax
+whenever a graph may later be differentiated twice, i.e. grad mode is on and an input requires grad, and the
+fused kernel only when no graph is being built at all.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+AttentionBackend = Literal["auto", "math", "fused"]
+InitScheme = Literal["xavier", "normal"]
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned gain; statistics in float32 for low-precision inputs."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:  # [..., D] -> [..., D]
+        compute = x if x.dtype == torch.float64 else x.float()
+        normed = compute * torch.rsqrt(compute.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (half-split layout) at explicit integer positions.
+
+    Positions are given per call, so a caller can place tokens anywhere (the EBT puts prediction ``i`` at
+    ``i + 1``); angles are computed on the fly, so there is no table to outgrow.
+    """
+
+    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head width, got {head_dim}; change dim or num_heads")
+        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        """Rotate ``x [B, H, T, Dh]`` by ``positions [T]`` (or ``[B, T]``)."""
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        angles = positions.to(dtype).unsqueeze(-1) * self.inv_freq.to(dtype)  # [(B,) T, Dh/2]
+        if angles.dim() == 3:
+            angles = angles.unsqueeze(1)  # [B, 1, T, Dh/2] broadcasts over heads
+        cos, sin = angles.cos(), angles.sin()
+        first, second = x.to(dtype).chunk(2, dim=-1)
+        rotated = torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1)
+        return rotated.to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """Bias-free gated feed-forward: ``W2 (silu(W1 x) * W3 x)``."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # [..., D] -> [..., D]
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def needs_math_path(*tensors: Tensor) -> bool:
+    """True when a graph is being built (a later ``create_graph=True`` backward is then possible)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def select_backend(backend: AttentionBackend, *tensors: Tensor) -> Literal["math", "fused"]:
+    """Resolve ``"auto"`` to ``"math"`` or ``"fused"`` for the given attention inputs."""
+    if backend not in ("auto", "math", "fused"):
+        raise ValueError(f"attention backend must be 'auto', 'math' or 'fused', got {backend!r}")
+    if backend == "auto":
+        return "math" if needs_math_path(*tensors) else "fused"
+    return backend
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, *, backend: AttentionBackend = "auto"
+) -> Tensor:
+    """Scaled dot-product attention ``q [B,H,Tq,Dh], k/v [B,H,Tk,Dh] -> [B,H,Tq,Dh]``.
+
+    ``mask`` is boolean (True = attend). ``backend="auto"`` picks the double-differentiable math path when a
+    graph is being built and the fused kernel otherwise; ``"math"``/``"fused"`` force one.
+    """
+    if select_backend(backend, q, k, v) == "fused":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = _scores(q, k)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1).to(v.dtype) @ v
+
+
+def attention_with_self(
+    q: Tensor, k_ctx: Tensor, v_ctx: Tensor, k_self: Tensor, v_self: Tensor, ctx_mask: Tensor
+) -> Tensor:
+    """Each query attends to a shared context (under ``ctx_mask``) and to its own key only.
+
+    ``q, k_self, v_self [B,H,S,Dh]``, ``k_ctx, v_ctx [B,H,L,Dh]``, ``ctx_mask [S, L]``. One softmax over the
+    ``L`` context scores plus the diagonal self-score: ``O(S*L)`` work instead of a ``2S x 2S`` attention.
+    Always the math path: callers differentiate it (w.r.t. the candidate, often twice).
+    """
+    ctx_scores = _scores(q, k_ctx).masked_fill(~ctx_mask, float("-inf"))  # [B,H,S,L]
+    self_scores = _scores_diagonal(q, k_self)  # [B,H,S,1]
+    probs = torch.softmax(torch.cat((ctx_scores, self_scores), dim=-1), dim=-1).to(v_ctx.dtype)
+    return probs[..., :-1] @ v_ctx + probs[..., -1:] * v_self
+
+
+def _scores(q: Tensor, k: Tensor) -> Tensor:
+    # float32 (or float64) logits: the softmax is the numerically fragile part under low precision.
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return (q @ k.transpose(-2, -1)).to(dtype) * (1.0 / math.sqrt(q.shape[-1]))
+
+
+def _scores_diagonal(q: Tensor, k: Tensor) -> Tensor:
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return (q * k).sum(-1, keepdim=True).to(dtype) * (1.0 / math.sqrt(q.shape[-1]))
+
+
+def causal_mask(num_queries: int, num_keys: int, device: torch.device | None = None) -> Tensor:
+    """``[Tq, Tk]`` mask for the last ``Tq`` of ``Tk`` positions: query ``i`` sees keys ``<= Tk - Tq + i``."""
+    offset = num_keys - num_queries
+    rows = torch.arange(num_queries, device=device).unsqueeze(1)
+    cols = torch.arange(num_keys, device=device).unsqueeze(0)
+    return cols <= rows + offset
+
+
+class SelfAttention(nn.Module):
+    """Bias-free multi-head self-attention with RoPE and an optional key/value prefix (KV cache)."""
+
+    def __init__(self, dim: int, num_heads: int, rope_theta: float = 10000.0,
+                 backend: AttentionBackend = "auto") -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        self.num_heads, self.backend = num_heads, backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+        self.rope = RotaryEmbedding(dim // num_heads, rope_theta)
+
+    def project(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``x [B,T,D]`` -> rotated ``q, k`` and ``v``, each ``[B,H,T,Dh]``."""
+        batch, length, dim = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, dim // self.num_heads).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        return self.rope(q, positions), self.rope(k, positions), v
+
+    def merge(self, heads: Tensor) -> Tensor:
+        """``[B,H,T,Dh] -> [B,T,D]`` through the output projection."""
+        batch, _, length, _ = heads.shape
+        return self.out(heads.transpose(1, 2).reshape(batch, length, -1))
+
+    def forward(self, x: Tensor, positions: Tensor, mask: Optional[Tensor],
+                past: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Attend ``x [B,T,D]`` over ``past`` keys/values followed by its own; returns output and all K/V."""
+        q, k, v = self.project(x, positions)
+        if past is not None:
+            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+        return self.merge(attention(q, k, v, mask, backend=self.backend)), (k, v)
+
+
+def modulate(x: Tensor, shift: Optional[Tensor], scale: Optional[Tensor]) -> Tensor:
+    """adaLN: ``x * (1 + scale) + shift``; ``None`` leaves ``x`` untouched."""
+    if shift is None or scale is None:
+        return x
+    return x * (1 + scale) + shift
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm Llama-style block: RMSNorm -> attention -> residual, RMSNorm -> SwiGLU -> residual.
+
+    ``modulation`` (optional) is ``(shift_attn, scale_attn, shift_ffn, scale_ffn)``, each broadcastable to
+    ``[B, T, D]``; it conditions the normalized inputs of both sublayers (adaLN).
+    """
+
+    def __init__(self, dim: int, num_heads: int, ffn_hidden: int, *, norm_eps: float = 1e-6,
+                 rope_theta: float = 10000.0, backend: AttentionBackend = "auto") -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(dim, norm_eps)
+        self.attn = SelfAttention(dim, num_heads, rope_theta, backend)
+        self.ffn_norm = RMSNorm(dim, norm_eps)
+        self.ffn = SwiGLU(dim, ffn_hidden)
+
+    def forward(self, x: Tensor, positions: Tensor, mask: Optional[Tensor],
+                past: Optional[tuple[Tensor, Tensor]] = None,
+                modulation: Optional[tuple[Tensor, ...]] = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        shift_a, scale_a, shift_f, scale_f = modulation if modulation is not None else (None,) * 4
+        attended, kv = self.attn(modulate(self.attn_norm(x), shift_a, scale_a), positions, mask, past)
+        x = x + attended
+        return x + self.ffn(modulate(self.ffn_norm(x), shift_f, scale_f)), kv
+
+
+def init_linear(module: nn.Module, scheme: InitScheme = "xavier", std: float = 0.02) -> None:
+    """Initialise every ``nn.Linear`` below ``module``: xavier-uniform (the paper's code) or N(0, std);
+    biases to zero. Embeddings get N(0, std)."""
+    if scheme not in ("xavier", "normal"):
+        raise ValueError(f"init scheme must be 'xavier' or 'normal', got {scheme!r}")
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            if scheme == "xavier":
+                nn.init.xavier_uniform_(sub.weight)
+            else:
+                nn.init.normal_(sub.weight, std=std)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+        elif isinstance(sub, nn.Embedding):
+            nn.init.normal_(sub.weight, std=std)
+
+
+def zero_init(linear: nn.Linear) -> None:
+    """Zero weight and bias: the adaLN-Zero / zero-final-layer initialisation."""
+    nn.init.zeros_(linear.weight)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)

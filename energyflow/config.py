@@ -1,0 +1,110 @@
+"""Finding, parsing and listing gin recipes.
+
+Recipes live under one root (``recipes/`` beside the packages, or ``$ENERGYFLOW_RECIPES``). A recipe
+file may be named by its path, by its path under the root, or by that path without ``.gin``. Every
+``include`` inside a recipe resolves from the root, never from the current working directory.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import gin
+
+RECIPES_ENV = "ENERGYFLOW_RECIPES"
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be found or parsed; the message names the file and line when gin knows them."""
+
+
+def recipes_root() -> Path:
+    """``$ENERGYFLOW_RECIPES`` if set, else the ``recipes/`` directory next to the ``energyflow`` package."""
+    override = os.environ.get(RECIPES_ENV)
+    root = Path(override) if override else Path(__file__).resolve().parent.parent / "recipes"
+    if not root.is_dir():
+        raise RecipeError(f"recipes root {root} does not exist; set {RECIPES_ENV} to the recipes directory")
+    return root
+
+
+def resolve_recipe(name: Union[str, Path], root: Optional[Path] = None) -> Path:
+    """The recipe file for ``name``: an existing path, else a path under the root (``recipes/`` prefix,
+    ``.gin`` suffix optional)."""
+    root = root or recipes_root()
+    path = Path(name)
+    relative = Path(*path.parts[1:]) if path.parts and path.parts[0] == "recipes" else path
+    candidates = [path, root / relative, root / relative.with_suffix(".gin")]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    raise RecipeError(f"no recipe {str(name)!r} (looked at {[str(c) for c in candidates]}); "
+                      "list the available ones with `energyflow recipes`")
+
+
+@contextlib.contextmanager
+def _inside(directory: Path) -> Iterator[None]:
+    # gin resolves relative includes against the working directory first; parsing from the root makes
+    # `include 'models/x.gin'` mean the same file wherever the user runs the command.
+    previous = os.getcwd()
+    os.chdir(directory)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def parse_recipe(name: Union[str, Path], bindings: Sequence[str] = (), *, root: Optional[Path] = None) -> Path:
+    """Register every configurable, then parse the recipe and the ``--bind`` overrides into gin's config.
+
+    Unknown configurables and parameters are errors that name the file and line.
+    """
+    import energyflow.configurables  # noqa: F401  (registration happens on import)
+
+    root = root or recipes_root()
+    path = resolve_recipe(name, root)
+    with _inside(root):
+        try:
+            gin.parse_config_files_and_bindings([str(path)], list(bindings), finalize_config=False)
+        except (ValueError, SyntaxError, OSError) as error:
+            raise RecipeError(f"cannot parse recipe {path}: {error}") from error
+    return path
+
+
+def parse_text(text: str, source: str) -> None:
+    """Parse gin ``text`` (e.g. a run's ``operative_config.gin``) with unknown names as errors."""
+    import energyflow.configurables  # noqa: F401
+
+    try:
+        gin.parse_config(text)
+    except (ValueError, SyntaxError) as error:
+        raise RecipeError(f"cannot parse {source}: {error}") from error
+
+
+_REQUIRED_MACRO = re.compile(r"^([A-Za-z_][\w.]*) = %gin\.REQUIRED$", re.MULTILINE)
+
+
+def check_required_macros() -> None:
+    """Fail if a macro is still ``%gin.REQUIRED`` (gin itself passes such a macro on as a sentinel)."""
+    missing = _REQUIRED_MACRO.findall(gin.config_str())
+    if missing:
+        raise RecipeError(f"the recipe leaves required macro(s) {missing} unset; set them in the experiment "
+                          f"file or on the command line, e.g. --bind \"{missing[0]} = ...\"")
+
+
+def describe(path: Path) -> str:
+    """A recipe's one-line description: its first comment line, without the ``#``."""
+    for line in path.read_text().splitlines():
+        if line.strip().startswith("#"):
+            return line.strip().lstrip("#").strip()
+        if line.strip():
+            break
+    return ""
+
+
+def list_recipes(root: Optional[Path] = None) -> list[tuple[str, str]]:
+    """``(path under the root, description)`` for every ``*.gin`` file, sorted by path."""
+    root = root or recipes_root()
+    return [(path.relative_to(root).as_posix(), describe(path)) for path in sorted(root.rglob("*.gin"))]

@@ -1,0 +1,76 @@
+"""Process-group setup under ``torchrun`` and the few collectives the trainer needs.
+
+``torchrun --nproc_per_node=N`` sets ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``; without them the run is a
+single process and every collective here is the identity.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """``"auto"`` -> this process's CUDA device if CUDA is available, else CPU; ``"cpu"``/``"cuda"`` as asked."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device='cuda' but CUDA is not available; use device='auto' or 'cpu'")
+        return torch.device("cuda", local_rank)
+    if device != "cpu":
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    return torch.device("cpu")
+
+
+def setup(device: str = "auto") -> DistContext:
+    """Join the ``torchrun`` process group if launched by it (gloo on CPU, NCCL on CUDA)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    resolved = resolve_device(device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if resolved.type == "cuda":
+            torch.cuda.set_device(resolved)
+        dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=resolved)
+
+
+def all_reduce_mean(values: Tensor, context: DistContext) -> Tensor:
+    """Mean of ``values`` over processes (identity for one process)."""
+    if not context.is_distributed:
+        return values
+    values = values.clone()
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values / context.world_size
+
+
+def all_reduce_sum(values: Tensor, context: DistContext) -> Tensor:
+    if not context.is_distributed:
+        return values
+    values = values.clone()
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def barrier(context: DistContext) -> None:
+    if context.is_distributed:
+        dist.barrier()

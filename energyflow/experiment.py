@@ -1,0 +1,118 @@
+"""The gin roots: ``train`` (one run), ``compare`` (several gin-scoped runs and a table), ``launch`` (what
+``energyflow train`` calls), and re-building a finished run for ``energyflow eval``.
+
+A recipe binds ``train.task`` to an *uncalled* task configurable (``@LanguageModelTask``): ``train`` seeds
+torch first and then builds the task, so model initialization is reproducible from ``Trainer.seed``.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import gin
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from energyflow import checkpoint as ckpt
+from energyflow.config import check_required_macros, parse_text
+from energyflow.data import TextData
+from energyflow.distributed import resolve_device
+from energyflow.evaluation import evaluate_task
+from energyflow.tasks import Task
+from energyflow.trainer import RunResult, Trainer
+
+
+def train(out_dir: Union[str, Path], task: Callable[[], Task], data: TextData, trainer: Trainer) -> RunResult:
+    """Build the task under ``trainer.seed`` and train it into ``out_dir`` (resuming if it has checkpoints)."""
+    if isinstance(task, Task) or not callable(task):
+        raise TypeError("train.task must be an uncalled task configurable, e.g. `train.task = @LanguageModelTask` "
+                        "(no parentheses), so that the model is built after seeding")
+    torch.manual_seed(trainer.seed)
+    built = task()
+    if not isinstance(built, Task):
+        raise TypeError(f"train.task built a {type(built).__name__}, not an energyflow.tasks.Task")
+    return trainer.fit(built, data, out_dir, config=gin.config_str(), operative_config=gin.operative_config_str,
+                       scope=gin.current_scope_str())
+
+
+def launch(program: Optional[Callable[[], Any]] = None) -> Any:
+    """What ``energyflow train`` runs: ``program`` (default: the configured ``train``), e.g. ``@compare``."""
+    check_required_macros()
+    return (program or gin.get_configurable("train"))()
+
+
+def evaluate_steps(result: RunResult, eval_steps: Sequence[int]) -> dict[Optional[int], dict[str, float]]:
+    """Validation metrics at every count in ``eval_steps`` (one entry, key ``None``, for a one-shot task)."""
+    counts: Sequence[Optional[int]] = eval_steps if result.task.has_optimization_steps else [None]
+    return {k: evaluate_task(result.task, result.validation_windows, device=result.device, num_steps=k)
+            for k in counts}
+
+
+def comparison_table(results: dict[str, dict[Optional[int], dict[str, float]]]) -> Table:
+    """One row per (run, number of optimization steps): validation loss and perplexity."""
+    table = Table(title="validation")
+    for column in ("run", "optimization steps", "loss", "perplexity"):
+        table.add_column(column, justify="left" if column == "run" else "right")
+    for name, by_steps in results.items():
+        for steps, metrics in by_steps.items():
+            table.add_row(name, "-" if steps is None else str(steps), f"{metrics['loss']:.4f}",
+                          f"{metrics['perplexity']:.3f}")
+    return table
+
+
+def compare(out_dir: Union[str, Path], runs: Sequence[str], eval_steps: Sequence[int] = (1,),
+            console: Optional[Console] = None) -> dict[str, dict[Optional[int], dict[str, float]]]:
+    """Train every run in ``runs`` inside its gin scope (``baseline/train.task = ...``) into
+    ``out_dir/<run>``, then evaluate each (at each of ``eval_steps`` for iterative tasks) and print a table."""
+    if not runs:
+        raise ValueError("compare.runs is empty; name the gin scopes to train, e.g. ['baseline', 'ebt']")
+    configured_train = gin.get_configurable("train")
+    results = {}
+    for name in runs:
+        with gin.config_scope(name):
+            result = configured_train(out_dir=Path(out_dir) / name)
+        results[name] = evaluate_steps(result, eval_steps)
+    if int(os.environ.get("RANK", "0")) == 0:
+        (console or Console()).print(comparison_table(results))
+    return results
+
+
+def _query(selector: str, scope: str) -> Any:
+    """The value bound to ``selector`` in ``scope`` (falling back to the unscoped binding), evaluated."""
+    for candidate in ([f"{scope}/{selector}"] if scope else []) + [selector]:
+        try:
+            reference = gin.query_parameter(candidate)
+        except ValueError:
+            continue
+        with gin.config_scope(scope or None):
+            return copy.deepcopy(reference)  # deepcopy evaluates gin references (`@x()`)
+    raise ValueError(f"the run's operative config binds no {selector!r}; it was not written by `train`")
+
+
+def load_run(run_dir: Union[str, Path], device: str = "auto") -> tuple[RunResult, Trainer, int]:
+    """Rebuild a finished run from its ``operative_config.gin`` and newest checkpoint.
+
+    Returns the result (task with the checkpoint's weights, validation windows), its trainer settings, and
+    the checkpoint's step. Clears gin's config first.
+    """
+    run_dir = Path(run_dir)
+    latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    operative = run_dir / "operative_config.gin"
+    if latest is None or not operative.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory with checkpoints/ and operative_config.gin")
+    resolved = resolve_device(device)
+    payload = ckpt.load_checkpoint(latest, map_location=resolved)
+    gin.clear_config()
+    parse_text(operative.read_text(), str(operative))
+    scope = payload["scope"]
+    trainer, data, task_fn = (_query(s, scope) for s in ("train.trainer", "train.data", "train.task"))
+    with gin.config_scope(scope or None):
+        task = task_fn()
+    ckpt.check_fingerprint(payload, task, latest)
+    task.load_state_dict(payload["task"])
+    task.to(resolved)
+    batches = data.validation_batches(trainer.eval_batch_size or trainer.micro_batch(1), trainer.eval_batches)
+    return RunResult(out_dir=run_dir, task=task, validation_windows=batches, device=resolved), trainer, payload["step"]

@@ -1,0 +1,212 @@
+"""The ``generate`` and ``think`` subcommands of ``energyflow`` (registered by ``energyflow.cli``).
+
+    energyflow generate runs/ebt --prompt "The list" --max-new 64 [--samples 4] [--html out.html]
+    energyflow think runs/ebt --baseline runs/tpp --steps 1,2,4,8,16 --samples 1,4,16 [--data FILE ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+from torch import Tensor
+
+from energyflow.data import pack, text_files, to_batch
+from energyflow.experiment import load_run
+from energyflow.inference.generation import Decoding, generate_baseline, generate_ebt
+from energyflow.inference.sweep import SweepResult, baseline_loss, check_counts, thinking_sweep
+from energyflow.inference.text import thinking_config
+from energyflow.models import TextEBM
+from energyflow.objectives.components import resolve_num_steps
+
+Handler = Callable[[argparse.Namespace, Console], int]
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        return check_counts([int(part) for part in text.split(",") if part.strip()], "the list")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 1,2,4: {error}")
+
+
+def _add_thinking_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--step-size", type=float, help="override the run's (learned) step size")
+    parser.add_argument("--noise", type=float, default=0.0, help="Langevin noise scale per step (default 0)")
+    parser.add_argument("--accept-if-lower", action="store_true", help="keep a step only where it lowers the energy")
+    parser.add_argument("--energy-tolerance", type=float, help="freeze a position once |dE| falls below this")
+    parser.add_argument("--grad-tolerance", type=float, help="freeze a position once ||grad E|| falls below this")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random initial states and noise")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+
+
+def _config(task, args: argparse.Namespace, num_steps: int):
+    return thinking_config(task.objective, num_steps=num_steps, step_size=args.step_size, noise_scale=args.noise,
+                           accept_if_lower=args.accept_if_lower, energy_tolerance=args.energy_tolerance,
+                           grad_tolerance=args.grad_tolerance)
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """Register ``generate`` and ``think`` on the ``energyflow`` command's sub-parsers."""
+    generate = commands.add_parser("generate", help="continue a prompt with a trained run", description=(
+        "Continue a prompt with a run's newest checkpoint: an EBT thinks (against its cached context) for every "
+        "new token, a Transformer++ decodes with its KV cache. Greedy by default."))
+    generate.add_argument("run_dir", help="a run directory written by `energyflow train`")
+    generate.add_argument("--prompt", required=True, help="the text to continue")
+    generate.add_argument("--max-new", type=int, default=64, help="number of new tokens (bytes) (default 64)")
+    generate.add_argument("--strategy", choices=("greedy", "sample"), default="greedy")
+    generate.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (strategy sample)")
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to sample from (strategy sample)")
+    generate.add_argument("--steps", type=int, help="EBT thinking steps per token (default: the run's eval steps)")
+    generate.add_argument("--samples", type=int, default=1, help="EBT candidates per token, best by energy")
+    generate.add_argument("--html", help="EBT: write the continuation coloured by energy to this HTML file")
+    _add_thinking_options(generate)
+    generate.set_defaults(handler=_reporting_errors(run_generate))
+    think = commands.add_parser("think", help="measure thinking: loss vs steps and samples", description=(
+        "Loss of an EBT run after 1, 2, 4, ... thinking steps and with 1, 4, ... self-verification samples, "
+        "against a Transformer++ run on the same text; prints a table and writes PNG plots and think.json."))
+    think.add_argument("run_dir", help="an EBT run directory")
+    think.add_argument("--steps", type=_counts, default=[1, 2, 4, 8, 16], help="thinking steps (default 1,2,4,8,16)")
+    think.add_argument("--samples", type=_counts, default=[1, 4, 16], help="candidates per input (default 1,4,16)")
+    think.add_argument("--baseline", help="a Transformer++ run directory: its loss is the reference line")
+    think.add_argument("--data", nargs="+", help="text files to evaluate on (default: the run's validation split)")
+    think.add_argument("--batches", type=int, default=2, help="number of batches of windows (default 2)")
+    think.add_argument("--batch-size", type=int, default=4, help="windows per batch (default 4)")
+    think.add_argument("--out", help="where plots and think.json go (default RUN_DIR/think)")
+    _add_thinking_options(think)
+    think.set_defaults(handler=_reporting_errors(run_think))
+
+
+def _reporting_errors(handler: Handler) -> Handler:
+    """Bad input (a ValueError naming the problem and the fix) becomes a one-line error and exit status 1."""
+    def guarded(args: argparse.Namespace, console: Console) -> int:
+        try:
+            return handler(args, console)
+        except ValueError as error:
+            console.print(Text("error: ", style="bold red") + Text(str(error)))
+            return 1
+    return guarded
+
+
+def _encode_prompt(text: str, device: torch.device) -> Tensor:
+    data = text.encode("utf-8")
+    if not data:
+        raise ValueError("--prompt is empty; give at least one character to continue")
+    return torch.tensor([list(data)], dtype=torch.long, device=device)
+
+
+def _check_room(model, prompt: Tensor, max_new: int) -> None:
+    config = model.backbone.config if isinstance(model, TextEBM) else model.config
+    needed = prompt.shape[1] + max_new - 1
+    if needed > config.max_seq_len:
+        raise ValueError(f"prompt ({prompt.shape[1]} bytes) + --max-new {max_new} needs {needed} positions but the "
+                         f"model has max_seq_len={config.max_seq_len}; shorten the prompt or lower --max-new")
+
+
+def run_generate(args: argparse.Namespace, console: Console) -> int:
+    result, _, step = load_run(args.run_dir, device=args.device)
+    task, device = result.task.eval(), result.device
+    prompt = _encode_prompt(args.prompt, device)
+    _check_room(task.model, prompt, args.max_new)
+    decoding = Decoding(args.strategy, args.temperature, args.top_p)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    start = time.perf_counter()
+    if isinstance(task.model, TextEBM):
+        num_steps = args.steps or resolve_num_steps(task.objective.num_steps, 0, training=False)
+        out = generate_ebt(task.model, prompt, args.max_new, _config(task, args, num_steps), decoding,
+                           num_candidates=args.samples, generator=generator,
+                           initial_state=task.objective.initial_state)
+    else:
+        out = generate_baseline(task.model, prompt, args.max_new, decoding, generator=generator)
+    seconds = time.perf_counter() - start
+    console.print(Text(args.prompt, style="bold"), end="")
+    if out.energies is None:
+        console.print(bytes(out.tokens[0].tolist()).decode("utf-8", errors="replace"))
+    else:
+        _print_with_energies(console, out.tokens[0], out.energies[0], args.html)
+    console.print(f"[dim]{args.max_new} tokens in {seconds:.2f} s ({args.max_new / seconds:.1f} tokens/s), "
+                  f"checkpoint step {step}[/]")
+    return 0
+
+
+def _print_with_energies(console: Console, tokens: Tensor, energies: Tensor, html_path: Optional[str]) -> None:
+    from energyflow.verifier import byte_pieces, to_rich, write_html
+
+    pieces = byte_pieces(tokens.tolist(), energies.tolist())
+    console.print(to_rich(pieces))
+    if html_path:
+        console.print(f"[dim]wrote {write_html(html_path, pieces, title='EBT continuation, coloured by energy')}[/]")
+
+
+def _windows(args: argparse.Namespace, validation: list[Tensor]) -> list[Tensor]:
+    """Evaluation windows in batches of ``--batch-size``, at most ``--batches`` of them."""
+    seq_len = validation[0].shape[1] - 1
+    if args.data:
+        data = text_files(args.data)
+        windows = pack(torch.frombuffer(bytearray(data), dtype=torch.uint8), seq_len)
+    else:
+        windows = torch.cat(validation)
+    count = min(args.batches, len(windows) // args.batch_size)
+    if count < 1:
+        raise ValueError(f"{len(windows)} windows of {seq_len + 1} bytes do not fill one batch of --batch-size "
+                         f"{args.batch_size}; give more text or a smaller --batch-size")
+    return [windows[i * args.batch_size:(i + 1) * args.batch_size] for i in range(count)]
+
+
+def run_think(args: argparse.Namespace, console: Console) -> int:
+    result, _, _ = load_run(args.run_dir, device=args.device)
+    task = result.task.eval()
+    if not isinstance(task.model, TextEBM):
+        raise ValueError(f"{args.run_dir} is not an EBT run (its model is {type(task.model).__name__}); "
+                         "`think` needs an EBT, pass the Transformer++ run as --baseline")
+    windows = _windows(args, result.validation_windows)
+    sweep = thinking_sweep(task.model, windows, _config(task, args, max(args.steps)), steps=args.steps,
+                           samples=args.samples, device=result.device, seed=args.seed,
+                           initial_state=task.objective.initial_state)
+    if args.baseline:
+        baseline, _, _ = load_run(args.baseline, device=args.device)
+        sweep.baseline_loss = baseline_loss(baseline.task.eval().model, windows, baseline.device)
+    console.print(sweep_table(sweep))
+    out = Path(args.out) if args.out else Path(args.run_dir) / "think"
+    for path in write_sweep(sweep, out):
+        console.print(f"[dim]wrote {path}[/]")
+    return 0
+
+
+def sweep_table(sweep: SweepResult) -> Table:
+    """Loss after each number of steps, one row per number of samples, plus the reference row."""
+    table = Table(title="thinking: loss (nats/byte) vs steps and self-verification samples")
+    table.add_column("samples", justify="right")
+    for k in sweep.steps:
+        table.add_column(f"{k} step{'s' if k > 1 else ''}", justify="right")
+    table.add_column(f"gain vs 1 sample @{sweep.steps[-1]}", justify="right")
+    table.add_column("mean steps used", justify="right")
+    for n in sweep.samples:
+        gain = sweep.verification_gain(n, sweep.steps[-1])
+        table.add_row(str(n), *(f"{sweep.loss_at(n, k):.4f}" for k in sweep.steps),
+                      "-" if n == 1 or gain != gain else f"{gain:+.4f}", f"{sweep.mean_steps[n]:.2f}")
+    if sweep.baseline_loss is not None:
+        table.add_row("Transformer++", *([f"{sweep.baseline_loss:.4f}"] * len(sweep.steps)), "-", "-")
+    return table
+
+
+def write_sweep(sweep: SweepResult, out: Path) -> list[Path]:
+    """``think.json`` and the three PNG plots into ``out``."""
+    from energyflow import plots
+
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "think.json"
+    temporary = out / "think.json.tmp"
+    temporary.write_text(json.dumps(sweep.__dict__, indent=2))
+    os.replace(temporary, json_path)
+    gains = {k: [sweep.verification_gain(n, k) for n in sweep.samples] for k in sweep.steps}
+    return [json_path,
+            plots.loss_vs_steps(out / "loss_vs_steps.png", sweep.steps, sweep.loss, sweep.baseline_loss),
+            plots.verification_gain(out / "verification_gain.png", sweep.samples, gains),
+            plots.energy_vs_step(out / "energy_vs_step.png", sweep.energy)]

@@ -1,0 +1,127 @@
+"""Autoregressive generation for the EBT and the Transformer++ baseline (greedy, temperature, top-p).
+
+EBT: the prompt is encoded once; each new token is predicted by thinking (``num_candidates`` random starts,
+self-verified by energy) against the cached context, sampled from the chosen candidate's distribution, and
+appended to the cache (one token through the stack). ``use_cache=False`` is the reference that recomputes
+both streams of the whole sequence at every optimization step; both give the same tokens.
+Baseline: the usual KV cache (``use_cache=False`` recomputes the whole sequence per token).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+from torch import Tensor, nn
+
+from architectures.transformer import KVCache
+from energyflow.inference.optimize import ThinkingConfig
+from energyflow.inference.text import InitialState, encode, extend_context, think_on_cache
+from energyflow.inference.verification import self_verify
+from energyflow.objectives.components import RandomNoise
+
+Strategy = Literal["greedy", "sample"]
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How a token is drawn from a predicted distribution: ``greedy`` (argmax) or ``sample`` at
+    ``temperature``, restricted to the smallest set of tokens whose probability reaches ``top_p``."""
+
+    strategy: Strategy = "greedy"
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ("greedy", "sample"):
+            raise ValueError(f"strategy must be 'greedy' or 'sample', got {self.strategy!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}; use strategy='greedy' for argmax")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def next_token(logits: Tensor, decoding: Decoding, generator: Optional[torch.Generator] = None) -> Tensor:
+    """``logits [B, V]`` -> tokens ``[B]`` (int64)."""
+    if decoding.strategy == "greedy":
+        return logits.argmax(dim=-1)
+    probabilities = torch.softmax(logits.float() / decoding.temperature, dim=-1)
+    if decoding.top_p < 1:
+        sorted_probs, order = probabilities.sort(dim=-1, descending=True)
+        # Keep a token if the mass strictly before it is below top_p (the top token always stays).
+        keep = (sorted_probs.cumsum(dim=-1) - sorted_probs) < decoding.top_p
+        sorted_probs = sorted_probs * keep
+        probabilities = torch.zeros_like(probabilities).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class Generation:
+    """``tokens [B, N]`` generated after the prompt; ``energies [B, N]``: the EBT's final energy of each chosen
+    prediction (``None`` for the baseline)."""
+
+    tokens: Tensor
+    energies: Optional[Tensor] = None
+
+
+def _check_prompt(prompt: Tensor, max_new: int) -> None:
+    if prompt.dim() != 2 or prompt.shape[1] == 0 or prompt.is_floating_point():
+        raise ValueError(f"prompt must be a non-empty integer tensor [B, P], got {tuple(prompt.shape)} {prompt.dtype}")
+    if not isinstance(max_new, int) or max_new < 1:
+        raise ValueError(f"max_new must be an int >= 1, got {max_new!r}")
+
+
+@torch.no_grad()
+def generate_baseline(model: nn.Module, prompt: Tensor, max_new: int, decoding: Decoding = Decoding(), *,
+                      generator: Optional[torch.Generator] = None, use_cache: bool = True) -> Generation:
+    """Continue ``prompt [B, P]`` by ``max_new`` tokens with a causal LM (``TransformerPP``)."""
+    _check_prompt(prompt, max_new)
+    cache = KVCache() if use_cache else None
+    sequence, new_tokens = prompt, []
+    logits = model(prompt, cache)[:, -1]
+    for index in range(max_new):
+        token = next_token(logits, decoding, generator)
+        new_tokens.append(token)
+        sequence = torch.cat((sequence, token[:, None]), dim=1)
+        if index < max_new - 1:
+            logits = model(token[:, None], cache)[:, -1] if use_cache else model(sequence)[:, -1]
+    return Generation(torch.stack(new_tokens, dim=1))
+
+
+def generate_ebt(model: nn.Module, prompt: Tensor, max_new: int, config: ThinkingConfig,
+                 decoding: Decoding = Decoding(), *, num_candidates: int = 1,
+                 generator: Optional[torch.Generator] = None, initial_state: Optional[InitialState] = None,
+                 use_cache: bool = True) -> Generation:
+    """Continue ``prompt [B, P]`` by ``max_new`` tokens with a ``TextEBM`` (see the module docstring)."""
+    _check_prompt(prompt, max_new)
+    draw = initial_state if initial_state is not None else RandomNoise(1.0)
+    cache = encode(model, prompt) if use_cache else None
+    sequence, new_tokens, energies = prompt, [], []
+    for index in range(max_new):
+        if use_cache:
+            verified = think_on_cache(model, cache, 1, config, num_candidates=num_candidates, generator=generator,
+                                      initial_state=draw)
+        else:
+            verified = _think_recomputing(model, sequence, config, num_candidates, generator, draw)
+        token = next_token(verified.state[:, 0], decoding, generator)
+        new_tokens.append(token)
+        energies.append(verified.energies[:, 0])
+        sequence = torch.cat((sequence, token[:, None]), dim=1)
+        if use_cache and index < max_new - 1:
+            cache = extend_context(model, cache, token[:, None])
+    return Generation(torch.stack(new_tokens, dim=1), torch.stack(energies, dim=1))
+
+
+def _think_recomputing(model: nn.Module, sequence: Tensor, config: ThinkingConfig, num_candidates: int,
+                       generator: Optional[torch.Generator], draw: InitialState):
+    """The uncached reference: every energy evaluation runs both streams of the whole ``sequence [B, L]``."""
+    tokens = sequence.repeat_interleave(num_candidates, dim=0)  # [B*n, L]
+    rows, length = tokens.shape
+    y0 = draw((rows, 1, model.vocab_size), device=tokens.device, dtype=torch.float32, generator=generator)
+    # Predictions attend to themselves only, so the filler at the other positions never reaches the last one.
+    filler = torch.zeros(rows, length - 1, model.vocab_size, device=tokens.device)
+
+    def energy_fn(y: Tensor) -> Tensor:
+        return model(tokens, torch.cat((filler, y), dim=1))[:, -1:]
+
+    return self_verify(energy_fn, y0, config, num_candidates, generator=generator)

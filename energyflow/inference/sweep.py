@@ -1,0 +1,95 @@
+"""Thinking sweeps: loss and energy against the number of thinking steps and of self-verification samples.
+
+One run of ``max(steps)`` steps per sample count gives every smaller step count too: the state after k
+steps of a K-step run is the k-step run's (same generator draws, same order). Self-verification is applied
+after every step (``best_of_n_trace``), so ``loss[n][k]`` is the loss of the lowest-energy of ``n``
+candidates after ``k`` steps. Every sample count restarts from the same seed: runs with different ``n``
+are equally seeded, independent draws.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from energyflow.data import to_batch
+from energyflow.inference.optimize import ThinkingConfig
+from energyflow.inference.text import InitialState, think_tokens
+from energyflow.inference.verification import best_of_n_trace
+
+
+@dataclass
+class SweepResult:
+    """``loss[n]``, ``energy[n]``: ``[K+1]`` means over tokens after 0..K steps with ``n`` candidates
+    (entry 0 is the random initial state); ``mean_steps[n]``: average steps a position took (< K only with
+    adaptive stopping); ``baseline_loss``: the Transformer++ on the same tokens, if given."""
+
+    steps: list[int]
+    samples: list[int]
+    loss: dict[int, list[float]] = field(default_factory=dict)
+    energy: dict[int, list[float]] = field(default_factory=dict)
+    mean_steps: dict[int, float] = field(default_factory=dict)
+    baseline_loss: Optional[float] = None
+
+    def loss_at(self, num_samples: int, num_steps: int) -> float:
+        return self.loss[num_samples][num_steps]
+
+    def verification_gain(self, num_samples: int, num_steps: int) -> float:
+        """Loss reduction of ``num_samples`` candidates over one, at ``num_steps`` steps (positive = better)."""
+        return self.loss[1][num_steps] - self.loss[num_samples][num_steps] if 1 in self.loss else float("nan")
+
+
+def check_counts(values: Sequence[int], name: str) -> list[int]:
+    counts = sorted(set(int(v) for v in values))
+    if not counts or counts[0] < 1:
+        raise ValueError(f"{name} must be positive integers, e.g. 1,2,4; got {list(values)}")
+    return counts
+
+
+def _pad(trace: Tensor, length: int) -> Tensor:
+    """An early-exited trace ``[T'+1, ...]`` padded to ``[length, ...]`` with its last entry (every position
+    had frozen, so later steps would not have changed anything)."""
+    if trace.shape[0] == length:
+        return trace
+    return torch.cat((trace, trace[-1:].expand(length - trace.shape[0], *trace.shape[1:])))
+
+
+@torch.no_grad()
+def baseline_loss(model: nn.Module, windows: Sequence[Tensor], device: torch.device) -> float:
+    """Mean next-token cross-entropy (nats) of a causal LM over windows ``[B, S+1]``."""
+    total = 0.0
+    for window in windows:
+        batch = to_batch(window, device)
+        logits = model(batch["tokens"])
+        total += float(F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten()))
+    return total / len(windows)
+
+
+def thinking_sweep(model: nn.Module, windows: Sequence[Tensor], config: ThinkingConfig, *, steps: Sequence[int],
+                   samples: Sequence[int], device: torch.device, seed: int = 0,
+                   initial_state: Optional[InitialState] = None) -> SweepResult:
+    """Run ``config`` (its ``num_steps`` replaced by ``max(steps)``) with each sample count over ``windows``
+    (a list of ``[B, S+1]`` batches, equally weighted)."""
+    steps, samples = check_counts(steps, "steps"), check_counts(samples, "samples")
+    if not windows:
+        raise ValueError("thinking_sweep needs at least one batch of windows")
+    config = replace(config, num_steps=steps[-1])
+    result = SweepResult(steps, samples)
+    for num_samples in samples:
+        generator = torch.Generator(device=device).manual_seed(seed)
+        loss_sum, energy_sum, steps_sum = 0.0, 0.0, 0.0
+        for window in windows:
+            batch = to_batch(window, device)
+            verified = think_tokens(model, batch["tokens"], config, num_candidates=num_samples,
+                                    targets=batch["targets"], generator=generator, initial_state=initial_state)
+            energies, losses = best_of_n_trace(verified.thinking, num_samples)
+            loss_sum = loss_sum + _pad(losses, steps[-1] + 1).mean(dim=(1, 2))
+            energy_sum = energy_sum + _pad(energies, steps[-1] + 1).mean(dim=(1, 2))
+            steps_sum += float(verified.thinking.mean_steps())
+        result.loss[num_samples] = (loss_sum / len(windows)).tolist()
+        result.energy[num_samples] = (energy_sum / len(windows)).tolist()
+        result.mean_steps[num_samples] = steps_sum / len(windows)
+    return result

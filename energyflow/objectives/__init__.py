@@ -1,0 +1,20 @@
+"""Objectives: the EBT unrolled-optimization loss and its tricks, and the classic EBM objectives.
+
+- :class:`EBTObjective` (``unrolled``): K differentiable descent steps, a task loss on each state.
+- Components (``components``): initial states, step counts, label smoothing, task losses.
+- :class:`ReplayBuffer` (``replay``): earlier final predictions as later initial states.
+- :class:`ContrastiveDivergence` (``contrastive_divergence``): persistent CD with any sampler.
+- :class:`DenoisingScoreMatching` (``score_matching``).
+"""
+from energyflow.objectives.components import (CrossEntropy, LinearLabelSmoothing, MeanSquaredError, RandomNoise,
+                                              RandomNumSteps, SmoothL1, Zeros)
+from energyflow.objectives.contrastive_divergence import ContrastiveDivergence, PersistentChains
+from energyflow.objectives.replay import ReplayBuffer
+from energyflow.objectives.score_matching import DenoisingScoreMatching
+from energyflow.objectives.unrolled import ContrastiveTerm, EBTObjective, ObjectiveOutput, WarmupLangevinNoise
+
+__all__ = [
+    "CrossEntropy", "LinearLabelSmoothing", "MeanSquaredError", "RandomNoise", "RandomNumSteps", "SmoothL1", "Zeros",
+    "ContrastiveDivergence", "PersistentChains", "ReplayBuffer", "DenoisingScoreMatching", "ContrastiveTerm",
+    "EBTObjective", "ObjectiveOutput", "WarmupLangevinNoise",
+]

@@ -1,0 +1,139 @@
+"""Small composable pieces of the EBT objective: initial states, step counts, label smoothing, task losses.
+
+Each is a plain object with one job, so a recipe swaps any of them with a one-line gin binding.
+"""
+from __future__ import annotations
+
+import random
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class RandomNoise:
+    """Initial state y_0 ~ scale * N(0, I) (for text: random logits, softmax-normalized by the model)."""
+
+    def __init__(self, scale: float = 1.0):
+        if scale < 0:
+            raise ValueError(f"RandomNoise scale must be >= 0, got {scale}")
+        self.scale = float(scale)
+
+    def __call__(
+        self, shape: Sequence[int], *, device: torch.device, dtype: torch.dtype, generator: Optional[torch.Generator]
+    ) -> Tensor:
+        return self.scale * torch.randn(tuple(shape), device=device, dtype=dtype, generator=generator)
+
+
+class Zeros:
+    """Initial state y_0 = 0 (for text: the uniform distribution after the softmax)."""
+
+    def __call__(
+        self, shape: Sequence[int], *, device: torch.device, dtype: torch.dtype, generator: Optional[torch.Generator]
+    ) -> Tensor:
+        return torch.zeros(tuple(shape), device=device, dtype=dtype)
+
+
+class RandomNumSteps:
+    """Draw the number of optimization steps uniformly from [low, high] for each training step.
+
+    The draw depends only on (``seed``, training step): every micro-batch and every process of one optimizer
+    step runs the same count (so metric names agree when they are averaged), and a resumed run draws what
+    the uninterrupted run drew. Evaluation uses ``eval_num_steps`` (default ``high``): the paper's System 2
+    recipe trains on 2-3 steps and evaluates at 3.
+    """
+
+    def __init__(self, low: int, high: int, eval_num_steps: Optional[int] = None, seed: int = 0):
+        if not 1 <= low <= high:
+            raise ValueError(f"RandomNumSteps needs 1 <= low <= high, got low={low}, high={high}")
+        self.low, self.high, self.seed = int(low), int(high), int(seed)
+        self.eval_num_steps = int(high if eval_num_steps is None else eval_num_steps)
+
+    def __call__(self, step: int, training: bool) -> int:
+        if not training:
+            return self.eval_num_steps
+        return random.Random(self.seed * 1_000_003 + step).randint(self.low, self.high)
+
+
+def resolve_num_steps(num_steps: Union[int, RandomNumSteps], step: int, training: bool) -> int:
+    """``num_steps`` is an int or a callable like :class:`RandomNumSteps`."""
+    return int(num_steps) if isinstance(num_steps, int) else num_steps(step, training)
+
+
+class LinearLabelSmoothing:
+    """Label smoothing that falls linearly from ``start`` at the first step to ``end`` at the last.
+
+    Soft targets early in the chain ask less of a prediction that has had little optimization; the last
+    step is supervised with (by default) exact targets.
+    """
+
+    def __init__(self, start: float = 0.1, end: float = 0.0):
+        for name, value in (("start", start), ("end", end)):
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"LinearLabelSmoothing {name} must be in [0, 1), got {value}")
+        self.start, self.end = float(start), float(end)
+
+    def __call__(self, step_index: int, num_steps: int) -> float:
+        if num_steps == 1:
+            return self.end
+        fraction = step_index / (num_steps - 1)
+        return self.start + (self.end - self.start) * fraction
+
+
+class CrossEntropy:
+    """Task loss for a state of logits [B, S, V] against token targets [B, S] (mean over positions)."""
+
+    supports_label_smoothing = True
+
+    def __init__(self, target_logit: float = 20.0):
+        # The contrastive term needs the ground truth as a *state*: logits whose softmax is the one-hot
+        # target to float32 precision (exp(-20) ~ 2e-9 mass off target per token).
+        self.target_logit = float(target_logit)
+
+    def __call__(self, state: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
+        if state.dim() != target.dim() + 1 or state.shape[:-1] != target.shape:
+            raise ValueError(
+                f"CrossEntropy expects logits [B, S, V] and targets [B, S]; got {tuple(state.shape)} and "
+                f"{tuple(target.shape)}"
+            )
+        logits = state.float().flatten(0, -2)
+        return F.cross_entropy(logits, target.flatten(), label_smoothing=label_smoothing)
+
+    def target_state(self, target: Tensor, like: Tensor) -> Tensor:
+        """[B, S, V] logits representing the ground truth."""
+        return F.one_hot(target, like.shape[-1]).to(like.dtype) * self.target_logit
+
+
+class _RegressionLoss:
+    supports_label_smoothing = False
+
+    def _check(self, state: Tensor, target: Tensor, label_smoothing: float) -> None:
+        if label_smoothing:
+            raise ValueError(f"{type(self).__name__} is a regression loss: label smoothing does not apply")
+        if state.shape != target.shape:
+            raise ValueError(
+                f"{type(self).__name__}: state {tuple(state.shape)} and target {tuple(target.shape)} differ"
+            )
+
+    def target_state(self, target: Tensor, like: Tensor) -> Tensor:
+        return target.to(like.dtype)
+
+
+class SmoothL1(_RegressionLoss):
+    """Smooth-L1 between a continuous state and its target (the paper's video and image loss)."""
+
+    def __init__(self, beta: float = 1.0):
+        self.beta = float(beta)
+
+    def __call__(self, state: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
+        self._check(state, target, label_smoothing)
+        return F.smooth_l1_loss(state.float(), target.float(), beta=self.beta)
+
+
+class MeanSquaredError(_RegressionLoss):
+    """Mean squared error between a continuous state and its target."""
+
+    def __call__(self, state: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
+        self._check(state, target, label_smoothing)
+        return F.mse_loss(state.float(), target.float())

@@ -1,0 +1,199 @@
+"""The EBT objective: unroll energy descent through a differentiable sampler and supervise every state.
+
+One batch: draw the initial state y_0 (noise or zeros; part of the batch from the replay buffer), encode
+the context once, run K steps of a differentiable sampler on ``E(context, .)`` (``create_graph=True`` so
+the loss reaches the weights and the learnable step size through each gradient step), and average the task
+loss of y_1..y_K (or take only y_K). The step-level tricks (randomized step size, gradient and state
+clamps, Langevin noise) are the sampler's own schedule and transforms; the chain-level ones (step count,
+detach, truncation, initial state, replay, label smoothing, contrastive term) live here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from energyflow.objectives.components import CrossEntropy, RandomNoise, RandomNumSteps, resolve_num_steps
+from energyflow.objectives.replay import ReplayBuffer
+from samplers.trajectory import Trajectory
+from samplers.transforms import LangevinNoise
+
+
+@dataclass
+class ObjectiveOutput:
+    loss: Tensor  # [] what the optimizer minimizes
+    metrics: dict[str, Tensor]  # name -> [] detached scalars (no host sync: the trainer reads them)
+    final_state: Tensor  # [B, *event] y_K, detached
+    trajectory: Optional[Trajectory] = None  # the sampler's run (states y_1..y_K, with their graph in training)
+
+
+class ContrastiveTerm:
+    """``weight * (E(ground truth) - E(sg(y_K))) + regularization * (E_pos^2 + E_neg^2)`` (energies per position).
+
+    Pushes the ground truth's energy down and the final prediction's up; the square keeps both bounded,
+    since an energy difference alone can fall without limit.
+    """
+
+    def __init__(self, weight: float = 0.1, regularization: float = 0.01):
+        if weight <= 0 or regularization < 0:
+            raise ValueError(f"ContrastiveTerm needs weight > 0 and regularization >= 0, got {weight}, "
+                             f"{regularization}")
+        self.weight, self.regularization = float(weight), float(regularization)
+
+    def __call__(self, positive: Tensor, negative: Tensor) -> Tensor:
+        """``positive``, ``negative``: per-position energies ``[B, S]`` -> []."""
+        gap = positive.mean() - negative.mean()
+        return self.weight * gap + self.regularization * (positive.pow(2).mean() + negative.pow(2).mean())
+
+
+class WarmupLangevinNoise(LangevinNoise):
+    """Langevin noise whose (learnable) scale stays fixed until ``learnable_after_step`` training steps.
+
+    Before that the scale enters the graph with a zero gradient (``s * 0 + sg(s) * 1``), rather than not at
+    all, so distributed data parallel sees the same parameters used at every step.
+    """
+
+    def __init__(self, scale: float, learnable_after_step: int):
+        super().__init__(scale, learnable=True)
+        if learnable_after_step < 0:
+            raise ValueError(f"learnable_after_step must be >= 0, got {learnable_after_step}")
+        self.learnable_after_step = int(learnable_after_step)
+        self.gate = 0.0 if learnable_after_step > 0 else 1.0
+
+    def set_training_step(self, step: int) -> None:
+        self.gate = 1.0 if step >= self.learnable_after_step else 0.0
+
+    def transform_state(self, y: Tensor, *, step_size: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+        scale = self.scale * self.gate + self.scale.detach() * (1.0 - self.gate)
+        noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+        return y + scale.to(y.dtype) * noise
+
+
+class _RecordingEnergy:
+    """Wraps ``model.energy(context, .)`` and keeps each call's per-position energy, detached.
+
+    The sampler already evaluates E at y_0 (its first call) and at every y_k; recording them gives the
+    initial energy for the energy-gap metric without a redundant forward pass.
+    """
+
+    def __init__(self, model: nn.Module, context):
+        self.model, self.context, self.calls = model, context, []
+
+    def __call__(self, y: Tensor) -> Tensor:
+        energy = self.model.energy(self.context, y)
+        self.calls.append(energy.detach())
+        return energy
+
+
+class EBTObjective(nn.Module):
+    """Unrolled-optimization loss of the Energy-Based Transformer (see the module docstring).
+
+    ``sampler``: a differentiable sampler (``GradientDescent`` or ``Langevin``) carrying the step size
+    (learnable or not), its schedule (e.g. ``RandomizedStepSize``) and transforms (clamps, noise).
+    ``eval_sampler``: used by evaluation instead (e.g. without the randomized step size and noise). When the
+    training sampler's step size is learnable, the evaluation sampler shares that very parameter, so
+    validation always uses the learned value.
+    """
+
+    def __init__(
+        self,
+        sampler: nn.Module,
+        *,
+        eval_sampler: Optional[nn.Module] = None,
+        num_steps: Union[int, RandomNumSteps] = 2,
+        initial_state=None,
+        loss=None,
+        detach_between_steps: bool = True,
+        truncate: Optional[int] = None,
+        loss_on_last_step_only: bool = False,
+        label_smoothing=None,
+        replay_buffer: Optional[ReplayBuffer] = None,
+        contrastive: Optional[ContrastiveTerm] = None,
+    ):
+        super().__init__()
+        if isinstance(num_steps, int) and num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if truncate is not None and truncate < 1:
+            raise ValueError(f"truncate must be None or >= 1 (steps that keep a graph), got {truncate}")
+        self.loss_fn = loss if loss is not None else CrossEntropy()
+        if label_smoothing is not None and not self.loss_fn.supports_label_smoothing:
+            raise ValueError(f"label smoothing was set but the loss {type(self.loss_fn).__name__} is a regression "
+                             "loss; drop label_smoothing or use CrossEntropy")
+        self.sampler = sampler
+        if eval_sampler is not None and isinstance(getattr(sampler, "step_size", None), nn.Parameter):
+            eval_sampler.step_size = sampler.step_size  # shared Parameter: one value, trained once
+        self.eval_sampler = eval_sampler
+        self.num_steps = num_steps
+        self.initial_state = initial_state if initial_state is not None else RandomNoise(1.0)
+        self.detach_between_steps, self.truncate = detach_between_steps, truncate
+        self.loss_on_last_step_only = loss_on_last_step_only
+        self.label_smoothing, self.contrastive = label_smoothing, contrastive
+        self.replay_buffer = replay_buffer
+
+    def forward(self, model: nn.Module, inputs: Tensor, targets: Tensor, *, generator: Optional[torch.Generator] = None,
+                step: int = 0, num_steps: Optional[int] = None) -> ObjectiveOutput:
+        """``inputs``: the context (e.g. tokens ``[B, S]``); ``targets``: what y_K should match (``[B, S]``).
+
+        In ``train()`` mode the chain is differentiable; in ``eval()`` mode it is not (validation) and the
+        replay buffer is neither read nor written. ``num_steps`` overrides the configured count.
+        """
+        training = self.training
+        for transform in self.sampler.modules():
+            if isinstance(transform, WarmupLangevinNoise):
+                transform.set_training_step(step)
+        count = int(num_steps) if num_steps is not None else resolve_num_steps(self.num_steps, step, training)
+        state = self.initial_state(model.candidate_shape(targets), device=targets.device, dtype=torch.float32,
+                                   generator=generator)
+        replayed = 0
+        if training and self.replay_buffer is not None:
+            inputs, targets, state, replayed = self.replay_buffer.mix(inputs, targets, state, generator)
+        energy_fn = _RecordingEnergy(model, model.encode(inputs))  # context encoded once, in the graph
+        sampler = self.sampler if (training or self.eval_sampler is None) else self.eval_sampler
+        trajectory = sampler.run(
+            energy_fn, state, num_steps=count, generator=generator, differentiable=training,
+            truncate=self.truncate if training else None,
+            detach_between_steps=self.detach_between_steps and training,
+        )
+        step_losses = [self.loss_fn(trajectory.states[k], targets, self._smoothing(k, count)) for k in range(count)]
+        loss = step_losses[-1] if self.loss_on_last_step_only else torch.stack(step_losses).mean()
+        metrics = self._metrics(step_losses, energy_fn.calls, trajectory, sampler, replayed / targets.shape[0])
+        if training and self.contrastive is not None:
+            positive = model.energy(energy_fn.context, self.loss_fn.target_state(targets, state))
+            negative = model.energy(energy_fn.context, trajectory.final_state.detach())
+            term = self.contrastive(positive, negative)
+            loss = loss + term
+            metrics["contrastive"] = term.detach()
+        if training and self.replay_buffer is not None:
+            self.replay_buffer.push(inputs, targets, trajectory.final_state)
+        return ObjectiveOutput(loss, metrics, trajectory.final_state.detach(), trajectory)
+
+    def _smoothing(self, step_index: int, num_steps: int) -> float:
+        return 0.0 if self.label_smoothing is None else self.label_smoothing(step_index, num_steps)
+
+    @staticmethod
+    def _metrics(step_losses: list[Tensor], energies: list[Tensor], trajectory, sampler: nn.Module,
+                 replayed_fraction: float) -> dict[str, Tensor]:
+        """Per-step and summary scalars, all detached tensors (reading them is the trainer's business).
+
+        ``energies``: per-position energies at y_0 .. y_K (each ``[B, S]``); reported as means per position.
+        """
+        losses = [value.detach() for value in step_losses]
+        metrics = {f"loss_step_{k + 1}": value for k, value in enumerate(losses)}
+        initial_energy, final_energy = energies[0].float().mean(), energies[-1].float().mean()
+        metrics.update(
+            initial_loss=losses[0], final_loss=losses[-1], initial_energy=initial_energy, final_energy=final_energy,
+            energy_gap=initial_energy - final_energy, step_size=_base_step_size(sampler, trajectory),
+            num_steps=torch.tensor(float(len(losses))), replayed_fraction=torch.tensor(replayed_fraction),
+        )
+        noise = [module.scale.detach() for module in sampler.modules() if isinstance(module, LangevinNoise)]
+        if noise:
+            metrics["langevin_noise"] = noise[0]
+        return metrics
+
+
+def _base_step_size(sampler: nn.Module, trajectory) -> Tensor:
+    """The sampler's base (possibly learned) step size; the mean step actually used if it has none."""
+    value = getattr(sampler, "step_size", None)
+    return value.detach().float().mean() if isinstance(value, Tensor) else trajectory.info["step_size"].mean()

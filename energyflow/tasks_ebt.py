@@ -1,0 +1,71 @@
+"""The EBT text task: the trainer's task interface around a ``TextEBM`` and an ``EBTObjective``.
+
+Training: ``loss`` runs the unrolled objective (context encoded once per batch, K differentiable descent
+steps, every trick the objective is configured with). Validation: ``evaluate(batch, num_steps=k)`` runs
+k non-differentiable descent steps from the same fixed-seed initial state and reports the cross-entropy
+of the final prediction (``loss``) and of every step on the way (``loss_step_i``).
+"""
+from __future__ import annotations
+
+from typing import ClassVar, Optional
+
+import torch
+from torch import Tensor, nn
+
+from energyflow.data import Batch
+from energyflow.models import TextEBM
+from energyflow.objectives.unrolled import EBTObjective
+from energyflow.tasks import Metrics, Task, check_batch
+from samplers.transforms import LangevinNoise
+
+
+class EBTLanguageModelTask(Task):
+    """Next-token prediction by energy descent over vocabulary distributions.
+
+    ``step_size_lr_multiplier``: learning-rate multiplier of a learnable step size (the paper: 1500x).
+    ``noise_lr_multiplier``: the same for a learnable Langevin noise scale.
+    ``min_step_size``: a learnable step size is projected to at least this before every batch (the
+    sampler refuses a non-positive step, and a large learning rate can overshoot zero).
+    ``eval_seed``: seed of the initial states at validation (the same noise for every validation batch).
+    """
+
+    has_optimization_steps: ClassVar[bool] = True
+    cross_entropy_metrics: ClassVar[tuple[str, ...]] = ("loss", "loss_step_*", "initial_loss", "final_loss")
+
+    def __init__(self, model: TextEBM, objective: EBTObjective, *, step_size_lr_multiplier: float = 1500.0,
+                 noise_lr_multiplier: float = 1.0, min_step_size: float = 1e-3, eval_seed: int = 1234) -> None:
+        super().__init__()
+        if min_step_size <= 0:
+            raise ValueError(f"min_step_size must be > 0, got {min_step_size}")
+        self.model, self.objective = model, objective
+        self.step_size_lr_multiplier, self.noise_lr_multiplier = step_size_lr_multiplier, noise_lr_multiplier
+        self.min_step_size, self.eval_seed = min_step_size, eval_seed
+
+    def _learnable_step_size(self) -> Optional[nn.Parameter]:
+        value = getattr(self.objective.sampler, "step_size", None)
+        return value if isinstance(value, nn.Parameter) else None
+
+    def loss(self, batch: Batch, *, step: int, generator: torch.Generator) -> tuple[Tensor, Metrics]:
+        check_batch(batch)
+        step_size = self._learnable_step_size()
+        if step_size is not None:
+            with torch.no_grad():
+                step_size.clamp_(min=self.min_step_size)
+        out = self.objective(self.model, batch["tokens"], batch["targets"], generator=generator, step=step)
+        return out.loss, {"loss": out.loss.detach(), **out.metrics}
+
+    def evaluate(self, batch: Batch, *, num_steps: Optional[int] = None) -> Metrics:
+        check_batch(batch)
+        tokens = batch["tokens"]
+        generator = torch.Generator(device=tokens.device).manual_seed(self.eval_seed)
+        out = self.objective(self.model, tokens, batch["targets"], generator=generator, num_steps=num_steps)
+        metrics = {name: value for name, value in out.metrics.items() if name != "replayed_fraction"}
+        return {"loss": metrics["final_loss"], **metrics}
+
+    def lr_multipliers(self) -> dict[str, float]:
+        multipliers = {}
+        if self._learnable_step_size() is not None:
+            multipliers["*step_size"] = self.step_size_lr_multiplier
+        if any(isinstance(m, LangevinNoise) and isinstance(m.scale, nn.Parameter) for m in self.objective.modules()):
+            multipliers["*transforms.*.scale"] = self.noise_lr_multiplier
+        return multipliers

@@ -1,0 +1,238 @@
+"""The one trainer for every task: CPU or CUDA, DDP, accumulation, clipping, schedule, checkpoints, guards.
+
+``Trainer(...).fit(task, data, out_dir)`` trains a ``energyflow.tasks.Task`` on ``energyflow.data.TextData``.
+Exact resume: the model, optimizer and data position are checkpointed; the learning rate is a pure
+function of the step; and all randomness is reseeded from (seed, step, micro-batch, rank) at every step,
+so a run stopped and resumed reproduces the uninterrupted run bit for bit on CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+
+from energyflow import checkpoint as ckpt
+from energyflow import distributed
+from energyflow.data import BatchStream, TextData, to_batch
+from energyflow.evaluation import evaluate_task
+from energyflow.metrics import mean_metrics, with_perplexities
+from energyflow.monitor import Monitor
+from energyflow.optim import build_optimizer, param_groups, set_learning_rates, warmup_cosine
+from energyflow.tasks import Task
+
+
+class TrainingDiverged(RuntimeError):
+    """A training metric became NaN/Inf; the weights were not updated and no checkpoint was written."""
+
+    def __init__(self, step: int, metric: str, value: float, last_checkpoint: Optional[Path]) -> None:
+        self.step, self.metric, self.value, self.last_checkpoint = step, metric, value, last_checkpoint
+        where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
+        super().__init__(f"training diverged at step {step}: metric {metric!r} is {value}. The update was not "
+                         f"applied; {where}. Lower the learning rate, tighten grad_clip or check the data.")
+
+
+@dataclass
+class RunResult:
+    """What ``fit`` returns: the trained task, the validation windows ``[B, S+1]`` it is evaluated on, the
+    per-step history of this process (``step`` = steps completed, 1-based) and the final validation."""
+
+    out_dir: Path
+    task: Task
+    validation_windows: list[Tensor]
+    device: torch.device
+    history: list[dict[str, float]] = field(default_factory=list)
+    validation: dict[str, float] = field(default_factory=dict)
+
+
+def _seed_for(seed: int, step: int, micro: int, rank: int) -> int:
+    """A distinct, reproducible seed per (run seed, step, micro-batch, rank)."""
+    return (((seed * 1_000_003 + step) * 1_009 + micro) * 1_013 + rank) % (2**63 - 1)
+
+
+class Trainer:
+    """Training settings; ``fit`` runs them. ``batch_size`` is the *global* batch in sequences per optimizer
+    step: ``world_size * accumulation_steps * micro_batch``. ``lr_multipliers`` maps parameter-name globs to
+    learning-rate multipliers (merged over the task's own). ``eval_every=0`` validates only at the end."""
+
+    def __init__(self, *, num_steps: int, batch_size: int, learning_rate: float, accumulation_steps: int = 1,
+                 warmup_steps: int = 0, min_lr_ratio: float = 0.1, weight_decay: float = 0.01,
+                 betas: Sequence[float] = (0.9, 0.999), grad_clip: Optional[float] = 1.0,
+                 lr_multipliers: Optional[Mapping[str, float]] = None, checkpoint_every: int = 1000,
+                 keep_checkpoints: int = 3, eval_every: int = 0, eval_batches: int = 8,
+                 eval_batch_size: Optional[int] = None, seed: int = 0, device: str = "auto",
+                 progress: bool = True, resume: bool = True) -> None:
+        for name, value in (("num_steps", num_steps), ("batch_size", batch_size), ("eval_batches", eval_batches),
+                            ("checkpoint_every", checkpoint_every), ("keep_checkpoints", keep_checkpoints),
+                            ("accumulation_steps", accumulation_steps)):
+            if value < 1:
+                raise ValueError(f"Trainer.{name} must be >= 1, got {value}")
+        if not 0.0 <= min_lr_ratio <= 1.0 or learning_rate <= 0 or warmup_steps < 0 or eval_every < 0:
+            raise ValueError("need learning_rate > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0, eval_every >= 0; "
+                             f"got {learning_rate}, {min_lr_ratio}, {warmup_steps}, {eval_every}")
+        self.num_steps, self.batch_size, self.learning_rate = num_steps, batch_size, learning_rate
+        self.accumulation_steps, self.warmup_steps, self.min_lr_ratio = accumulation_steps, warmup_steps, min_lr_ratio
+        self.weight_decay, self.betas, self.grad_clip = weight_decay, tuple(betas), grad_clip
+        self.lr_multipliers = dict(lr_multipliers or {})
+        self.checkpoint_every, self.keep_checkpoints = checkpoint_every, keep_checkpoints
+        self.eval_every, self.eval_batches, self.eval_batch_size = eval_every, eval_batches, eval_batch_size
+        self.seed, self.device, self.progress, self.resume = seed, device, progress, resume
+
+    def micro_batch(self, world_size: int) -> int:
+        per_step = world_size * self.accumulation_steps
+        if self.batch_size % per_step:
+            raise ValueError(f"batch_size={self.batch_size} is not divisible by world_size * accumulation_steps = "
+                             f"{world_size} * {self.accumulation_steps}; pick a multiple of {per_step}")
+        return self.batch_size // per_step
+
+    def learning_rate_at(self, step: int) -> float:
+        return self.learning_rate * warmup_cosine(step, warmup_steps=self.warmup_steps, total_steps=self.num_steps,
+                                                  min_lr_ratio=self.min_lr_ratio)
+
+    def fit(self, task: Task, data: TextData, out_dir: Union[str, Path], *, config: str = "",
+            operative_config: Callable[[], str] = str, scope: str = "") -> RunResult:
+        """Train ``task`` for ``num_steps`` optimizer steps, resuming from ``out_dir`` if it has checkpoints.
+
+        ``config`` is written to ``config.gin`` now; ``operative_config()`` to ``operative_config.gin`` after
+        the first step; both go into every checkpoint along with the gin ``scope`` of this run.
+        """
+        run = _Run(self, task, data, Path(out_dir), config, operative_config, scope)
+        try:
+            return run.execute()
+        finally:
+            run.monitor.close(run.final)
+
+
+class _Run:
+    """The mutable state of one ``fit`` call, split into short steps."""
+
+    def __init__(self, trainer: Trainer, task: Task, data: TextData, out_dir: Path, config: str,
+                 operative_config: Callable[[], str], scope: str) -> None:
+        self.t, self.task, self.out_dir = trainer, task, out_dir
+        self.config, self.operative_config, self.scope = config, operative_config, scope
+        self.context = distributed.setup(trainer.device)
+        task.to(self.context.device)
+        merged = {**task.lr_multipliers(), **trainer.lr_multipliers}
+        groups = param_groups(task.named_parameters(), weight_decay=trainer.weight_decay, lr_multipliers=merged,
+                              no_weight_decay=task.no_weight_decay())
+        self.optimizer = build_optimizer(groups, learning_rate=trainer.learning_rate, betas=trainer.betas)
+        self.stream = BatchStream(data.train, micro_batch=trainer.micro_batch(self.context.world_size),
+                                  accumulation_steps=trainer.accumulation_steps, seed=trainer.seed,
+                                  rank=self.context.rank, world_size=self.context.world_size)
+        self.generator = torch.Generator(device=self.context.device)
+        self.checkpoints = out_dir / "checkpoints"
+        self.start_step = self._resume()
+        self.model = task if not self.context.is_distributed else DistributedDataParallel(
+            task, device_ids=[self.context.device] if self.context.device.type == "cuda" else None,
+            broadcast_buffers=False)  # buffers such as a replay buffer are per-rank state
+        batches = data.validation_batches(trainer.eval_batch_size or self.stream.micro_batch, trainer.eval_batches)
+        self.result = RunResult(out_dir=out_dir, task=task, validation_windows=batches, device=self.context.device)
+        self.final: dict[str, dict[str, float]] = {}
+        if self.context.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        self.monitor = Monitor(out_dir, total_steps=trainer.num_steps, start_step=self.start_step,
+                               progress=trainer.progress, active=self.context.is_main)
+
+    def _resume(self) -> int:
+        """Load the newest checkpoint in the run directory, if any; return the step to start from."""
+        latest = ckpt.latest_checkpoint(self.checkpoints)
+        if latest is None:
+            return 0
+        if not self.t.resume:
+            raise FileExistsError(f"{self.checkpoints} already holds checkpoints and Trainer.resume is False; "
+                                  "choose another output directory or set resume = True")
+        payload = ckpt.load_checkpoint(latest, map_location=self.context.device)
+        ckpt.check_fingerprint(payload, self.task, latest)
+        self.task.load_state_dict(payload["task"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.stream.load_state_dict(payload["data"])
+        if payload["step"] > self.t.num_steps:
+            raise ValueError(f"{latest} is at step {payload['step']}, beyond num_steps={self.t.num_steps}")
+        return int(payload["step"])
+
+    def execute(self) -> RunResult:
+        if self.context.is_main:
+            (self.out_dir / "config.gin").write_text(self.config)
+        if self.start_step:
+            self.monitor.log(f"resuming {self.out_dir} from step {self.start_step}")
+        for step in range(self.start_step, self.t.num_steps):
+            metrics = self._train_step(step)
+            self._after_step(step, metrics)
+        self.result.validation = self._validate(self.t.num_steps)
+        self.final["validation"] = self.result.validation
+        return self.result
+
+    def _train_step(self, step: int) -> dict[str, float]:
+        """One optimizer step over this rank's micro-batches; returns globally averaged metrics."""
+        learning_rate = self.t.learning_rate_at(step)
+        set_learning_rates(self.optimizer, learning_rate)
+        parts, losses = [], []
+        micro_batches = self.stream.next_step()
+        for micro, windows in enumerate(micro_batches):
+            torch.manual_seed(_seed_for(self.t.seed, step, micro, self.context.rank))
+            self.generator.manual_seed(_seed_for(self.t.seed, step, micro, self.context.rank))
+            last = micro == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or not self.context.is_distributed else self.model.no_sync()
+            with sync:  # skip DDP's all-reduce on all but the last micro-batch
+                with torch.autocast(self.context.device.type, dtype=torch.bfloat16,
+                                    enabled=self.context.device.type == "cuda"):
+                    loss, metrics = self.model(to_batch(windows, self.context.device), step=step,
+                                               generator=self.generator)
+                (loss / len(micro_batches)).backward()
+            parts.append(metrics)
+            losses.append({"objective": loss.detach()})
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.task.parameters(), self.t.grad_clip or math.inf)
+        values = self._global_metrics(parts, losses, grad_norm)
+        self._guard(step + 1, values)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        values = with_perplexities(values, self.task.cross_entropy_metrics)
+        return {**values, "learning_rate": learning_rate}
+
+    def _global_metrics(self, parts: list, losses: list, grad_norm: Tensor) -> dict[str, float]:
+        """Mean of the task's metrics over micro-batches and processes, then the gradient norm."""
+        means = {**mean_metrics(parts), **mean_metrics(losses)}  # task metrics first: the guard names them
+        stacked = distributed.all_reduce_mean(torch.stack(list(means.values())), self.context)
+        return {**dict(zip(means, stacked.tolist())), "grad_norm": float(grad_norm)}
+
+    def _guard(self, step: int, values: Mapping[str, float]) -> None:
+        """Stop before the update if any metric is NaN/Inf (perplexities are derived later, from losses)."""
+        for name, value in values.items():
+            if not math.isfinite(value):
+                raise TrainingDiverged(step, name, value, ckpt.latest_checkpoint(self.checkpoints))
+
+    def _after_step(self, step: int, values: dict[str, float]) -> None:
+        done = step + 1
+        self.result.history.append({"step": float(done), **values})
+        self.monitor.record(self.result.history[-1])
+        self.monitor.scalars("train", {k: v for k, v in values.items() if k != "learning_rate"}, done)
+        self.monitor.scalars("learning_rate", {g["name"]: g["lr"] for g in self.optimizer.param_groups}, done)
+        self.monitor.advance(done, values)
+        self.final["train"] = {k: v for k, v in values.items() if k != "learning_rate"}
+        if done == self.start_step + 1 and self.context.is_main:
+            (self.out_dir / "operative_config.gin").write_text(self.operative_config())
+        if self.t.eval_every and done % self.t.eval_every == 0 and done != self.t.num_steps:
+            self._validate(done)
+        if done % self.t.checkpoint_every == 0 or done == self.t.num_steps:
+            self._save(done, values)
+
+    def _validate(self, step: int) -> dict[str, float]:
+        values = evaluate_task(self.task, self.result.validation_windows, device=self.context.device,
+                               context=self.context)
+        self.monitor.scalars("validation", values, step)
+        return values
+
+    def _save(self, step: int, metrics: Mapping[str, float]) -> None:
+        if self.context.is_main:
+            ckpt.save_checkpoint(ckpt.checkpoint_path(self.checkpoints, step), {
+                "step": step, "fingerprint": ckpt.fingerprint(self.task), "task": self.task.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "data": self.stream.state_dict(),
+                "config": self.config, "operative_config": self.operative_config(), "scope": self.scope,
+                "metrics": dict(metrics)})
+            ckpt.prune_checkpoints(self.checkpoints, self.t.keep_checkpoints)
+        distributed.barrier(self.context)

@@ -1,0 +1,63 @@
+"""Batched, adaptive, differentiable samplers for any energy function (torch + pyro-ppl; no gin).
+
+    from samplers import HMC
+    trajectory = HMC(step_size=0.1, num_leapfrog_steps=10).run(energy_fn, y0, num_steps=2000, warmup=500)
+
+``energy_fn(y: [C, *event]) -> [C]`` or ``[C, S]``; lower is better; chains lead. See docs/samplers.md.
+"""
+from samplers.diagnostics import (
+    bonferroni_threshold,
+    chain_statistics,
+    effective_sample_size,
+    monte_carlo_standard_error,
+    moment_z_scores,
+    split_rhat,
+    summary_table,
+)
+from samplers.energy import EnergyAndGrad, energy_and_grad, log_density
+from samplers.gradient_descent import GradientDescent
+from samplers.hmc import HMC
+from samplers.langevin import Langevin
+from samplers.mala import MALA
+from samplers.nuts import NUTS
+from samplers.schedules import Constant, CosineAnneal, GeometricAnneal, LinearAnneal, RandomizedStepSize, Schedule
+from samplers.trajectory import INFO_FIELDS, Trajectory
+from samplers.transforms import ClampGradient, ClampState, Detach, LangevinNoise, Transform
+from samplers.zoo import Banana, DoubleWell, Funnel, Gaussian, GaussianMixture, Target
+
+__all__ = [
+    "Banana",
+    "ClampGradient",
+    "ClampState",
+    "Constant",
+    "CosineAnneal",
+    "Detach",
+    "DoubleWell",
+    "EnergyAndGrad",
+    "Funnel",
+    "Gaussian",
+    "GaussianMixture",
+    "GeometricAnneal",
+    "GradientDescent",
+    "HMC",
+    "INFO_FIELDS",
+    "LangevinNoise",
+    "Langevin",
+    "LinearAnneal",
+    "MALA",
+    "NUTS",
+    "RandomizedStepSize",
+    "Schedule",
+    "Target",
+    "Trajectory",
+    "Transform",
+    "bonferroni_threshold",
+    "chain_statistics",
+    "effective_sample_size",
+    "energy_and_grad",
+    "log_density",
+    "monte_carlo_standard_error",
+    "moment_z_scores",
+    "split_rhat",
+    "summary_table",
+]

@@ -1,0 +1,283 @@
+"""The shared run driver and the helpers every algorithm file reuses.
+
+``Sampler.run`` validates its input once, evaluates the energy at ``y0`` (the only host syncs: shape and
+finiteness checks at entry), then loops warmup + sampling steps through the subclass's functional core.
+The loop never reads a tensor value on the host: accept/reject is ``torch.where``, adaptation is
+elementwise tensor arithmetic, schedules use Python step indices.
+
+Differentiable mode: step ``t`` (0-based, of ``T = warmup + num_steps``) keeps a graph iff
+``differentiable`` and ``t >= T - truncate``; steps outside that window run under ``torch.no_grad``.
+Each state caches its energy and gradient, evaluated once when the state is created; it is evaluated with
+``create_graph=True`` iff the *next* step keeps a graph, so every step costs exactly one energy forward
+and one backward, and the last state (whose gradient no step uses) costs one forward only.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from samplers.energy import (
+    EnergyAndGrad,
+    EnergyFn,
+    check_energy_shape,
+    check_finite_start,
+    check_state,
+    energy_and_grad,
+)
+from samplers.trajectory import Trajectory, stack_info
+from samplers.transforms import Detach, Transform, apply_input
+
+StepSize = Union[float, Tensor]
+
+
+class StepInfo(NamedTuple):
+    """Per-chain information of one step (every field [C])."""
+
+    acceptance_prob: Tensor
+    accepted: Tensor
+    divergent: Tensor
+    step_size: Tensor
+
+
+class StepContext(NamedTuple):
+    """What the driver tells a step: its index, the run length, where the graph is kept."""
+
+    index: int
+    num_steps: int  # warmup + sampling steps of the whole run
+    generator: Optional[torch.Generator]
+    create_graph: bool  # evaluate the new state with a second-order graph
+    need_grad: bool  # False for the run's last state: no later step uses its gradient
+
+
+def as_step_size(step_size: StepSize, y: Tensor, name: str = "step_size") -> Tensor:
+    """A step size (or another per-chain/per-element value, e.g. a temperature) as a tensor that broadcasts against ``y`` [C, *event] (same device and dtype).
+
+    A scalar is global, a 1-D tensor of length C is per chain (reshaped to [C, 1, ...]), anything else
+    must broadcast to ``y``'s shape (per element). Differentiable: a Parameter keeps its graph.
+    """
+    value = step_size if isinstance(step_size, Tensor) else torch.tensor(float(step_size))
+    value = value.to(device=y.device, dtype=y.dtype)
+    if value.dim() == 1 and value.shape[0] == y.shape[0] and y.dim() > 1:
+        return value.view(-1, *([1] * (y.dim() - 1)))
+    try:
+        ok = torch.broadcast_shapes(value.shape, y.shape) == y.shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{name} of shape {tuple(value.shape)} does not broadcast to the state of shape "
+            f"{tuple(y.shape)}; pass a float, a [C]={[y.shape[0]]} tensor (one per chain) or a tensor "
+            "broadcastable to the state (one per element)."
+        )
+    return value
+
+
+def check_positive(value: Tensor, name: str) -> None:
+    """Entry-time validation (a host sync, outside any loop)."""
+    if not bool(torch.isfinite(value).all()) or bool((value <= 0).any()):
+        raise ValueError(f"{name} must be finite and positive everywhere, got min {value.detach().min()}")
+
+
+def per_chain(x: Tensor, like: Tensor) -> Tensor:
+    """[C] -> [C, 1, ..., 1] broadcasting against ``like`` [C, *event]."""
+    return x.view(-1, *([1] * (like.dim() - 1)))
+
+
+def chain_mean(step_size: Tensor, y: Tensor) -> Tensor:
+    """[C] per-chain step size (mean over the event for per-element step sizes), detached.
+
+    Averages the (possibly broadcast) small tensor itself, never the expanded [C, *event] one.
+    """
+    value = step_size.detach()
+    value = value.reshape((1,) * (y.dim() - value.dim()) + tuple(value.shape))
+    value = value.flatten(1).mean(dim=1) if value.dim() > 1 else value
+    return value.expand(y.shape[0])
+
+
+def evaluate(
+    energy_fn: EnergyFn,
+    y: Tensor,
+    transforms: Sequence[Transform],
+    *,
+    create_graph: bool,
+    need_grad: bool = True,
+    validate: bool = False,
+) -> EnergyAndGrad:
+    """Energy (and gradient unless ``need_grad=False``, then ``grad=None``) at ``transform_input(y)``.
+
+    ``validate`` checks the energy's shape (what every ``init`` does; shape checks do not sync).
+    """
+    y_in = apply_input(transforms, y)
+    if need_grad:
+        return energy_and_grad(energy_fn, y_in, create_graph=create_graph, validate=validate)
+    per_position = energy_fn(y_in)
+    if validate:
+        check_energy_shape(per_position, y_in)
+    energy = per_position if per_position.dim() == 1 else per_position.sum(dim=1)
+    return EnergyAndGrad(energy, per_position, None)
+
+
+def finite_chains(energy: Tensor, grad: Optional[Tensor]) -> Tensor:
+    """[C] bool: energy and (if given) every gradient element finite."""
+    finite = torch.isfinite(energy)
+    if grad is not None:
+        finite = finite & torch.isfinite(grad.flatten(1)).all(dim=1)
+    return finite
+
+
+def unadjusted_info(new: EnergyAndGrad, step_size: Tensor, y: Tensor) -> StepInfo:
+    """Info of a sampler without accept/reject: every step is accepted; non-finite chains are flagged."""
+    ones = torch.ones_like(new.energy, dtype=torch.bool)
+    divergent = ~finite_chains(new.energy.detach(), None if new.grad is None else new.grad.detach())
+    return StepInfo(ones.to(y.dtype), ones, divergent, chain_mean(step_size, y))
+
+
+class Sampler(nn.Module):
+    """Base class: holds the transforms and runs warmup + sampling for every algorithm.
+
+    Subclasses implement ``_init``, ``_transition`` and, if they tune anything, ``_begin`` / ``_adapt`` /
+    ``_adapted``.
+    """
+
+    def __init__(self, transforms: Sequence[Transform] = ()) -> None:
+        super().__init__()
+        for transform in transforms:
+            if not isinstance(transform, Transform):
+                raise TypeError(f"transforms must be samplers.transforms.Transform objects, got {transform!r}")
+        self.transforms = nn.ModuleList(transforms)
+
+    def _begin(self, y0: Tensor, warmup: int) -> Any:
+        """Validate against ``y0`` and return the tuning the first step uses."""
+        return None
+
+    def _init(self, y0: Tensor, energy_fn: EnergyFn, transforms: Sequence[Transform], create_graph: bool):
+        raise NotImplementedError
+
+    def _transition(self, state, energy_fn: EnergyFn, transforms: Sequence[Transform], tuning: Any, ctx: StepContext):
+        raise NotImplementedError
+
+    def _adapt(self, tuning: Any, step_index: int, warmup: int, state, info) -> Any:
+        return tuning
+
+    def _adapted(self, tuning: Any, y0: Tensor) -> dict[str, Tensor]:
+        return {}
+
+    def forward(self, *args: Any, **kwargs: Any) -> Trajectory:
+        """``sampler(energy_fn, y0, ...)`` is ``run``; this also lets ``torch.func.functional_call`` swap in a
+        step-size tensor (e.g. to gradcheck through it)."""
+        return self.run(*args, **kwargs)
+
+    def run(
+        self,
+        energy_fn: EnergyFn,
+        y0: Tensor,
+        *,
+        num_steps: int,
+        warmup: int = 0,
+        thin: int = 1,
+        generator: Optional[torch.Generator] = None,
+        differentiable: bool = False,
+        truncate: Optional[int] = None,
+        detach_between_steps: bool = False,
+    ) -> Trajectory:
+        """Run ``warmup`` + ``num_steps`` steps from ``y0`` [C, *event]; keep every ``thin``-th sampling state.
+
+        ``differentiable=True`` keeps the graph (states carry it); ``truncate=k`` keeps it only for the last
+        k steps; ``detach_between_steps=True`` adds a ``Detach`` transform (see ``samplers.transforms``).
+        """
+        _check_run_args(y0, num_steps, warmup, thin, generator, differentiable, truncate, detach_between_steps)
+        transforms = list(self.transforms) + ([Detach()] if detach_between_steps else [])
+        total = warmup + num_steps
+        first_graph_step = total - truncate if truncate is not None else 0
+
+        def keeps_graph(index: int) -> bool:
+            return differentiable and index >= first_graph_step
+
+        tuning = self._begin(y0, warmup)
+        state = self._init(y0, energy_fn, transforms, keeps_graph(0))
+        check_finite_start(state.energy.detach(), state.grad.detach())
+        recorder = _Recorder(y0, num_steps, thin, keep_graph=differentiable)
+        for index in range(total):
+            ctx = StepContext(index, total, generator, keeps_graph(index + 1), index < total - 1)
+            with contextlib.nullcontext() if keeps_graph(index) else torch.no_grad():
+                state, info = self._transition(state, energy_fn, transforms, tuning, ctx)
+            if index < warmup:
+                tuning = self._adapt(tuning, index, warmup, state, info)
+                recorder.record_warmup(info)
+            else:
+                recorder.record(index - warmup, state, info)
+        return recorder.trajectory(self._adapted(tuning, y0))
+
+
+def _check_run_args(
+    y0: Tensor,
+    num_steps: int,
+    warmup: int,
+    thin: int,
+    generator: Optional[torch.Generator],
+    differentiable: bool,
+    truncate: Optional[int],
+    detach_between_steps: bool,
+) -> None:
+    check_state(y0)
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
+    if not isinstance(thin, int) or not 1 <= thin <= num_steps:
+        raise ValueError(f"thin must be an int in [1, num_steps={num_steps}], got {thin!r}")
+    if generator is not None and generator.device.type != y0.device.type:
+        raise ValueError(
+            f"the generator lives on {generator.device} but y0 on {y0.device}; "
+            f"create it with torch.Generator(device={str(y0.device)!r})"
+        )
+    if (truncate is not None or detach_between_steps) and not differentiable:
+        raise ValueError("truncate and detach_between_steps only apply with differentiable=True")
+    if truncate is not None and not (isinstance(truncate, int) and 1 <= truncate <= warmup + num_steps):
+        raise ValueError(f"truncate must be an int in [1, warmup + num_steps={warmup + num_steps}], got {truncate!r}")
+
+
+class _Recorder:
+    """Collects kept states, energies and per-step info.
+
+    Without a graph the kept states go into preallocated buffers (no second copy when stacking).
+    Info is recorded for every sampling step and reduced over each thinning block (bool fields: any;
+    float fields: mean), so divergences between kept states are never lost.
+    """
+
+    def __init__(self, y0: Tensor, num_steps: int, thin: int, *, keep_graph: bool) -> None:
+        self.thin, self.keep_graph = thin, keep_graph
+        num_kept = num_steps // thin
+        self.states: Any = [] if keep_graph else y0.new_empty((num_kept, *y0.shape))
+        self.energies: Any = [] if keep_graph else y0.new_empty((num_kept, y0.shape[0]))
+        self.infos: list[dict[str, Tensor]] = []
+        self.warmup_infos: list[dict[str, Tensor]] = []
+
+    def record_warmup(self, info: NamedTuple) -> None:
+        self.warmup_infos.append({k: v.detach() for k, v in info._asdict().items()})
+
+    def record(self, index: int, state, info: NamedTuple) -> None:
+        self.infos.append({k: v.detach() for k, v in info._asdict().items()})
+        if (index + 1) % self.thin:
+            return
+        if self.keep_graph:
+            self.states.append(state.y)
+            self.energies.append(state.energy)
+        else:
+            self.states[index // self.thin] = state.y
+            self.energies[index // self.thin] = state.energy
+
+    def _thinned_info(self) -> dict[str, Tensor]:
+        info = stack_info(self.infos)
+        num_kept = len(self.infos) // self.thin
+        blocks = {k: v[: num_kept * self.thin].view(num_kept, self.thin, *v.shape[1:]) for k, v in info.items()}
+        return {k: v.any(dim=1) if v.dtype == torch.bool else v.mean(dim=1) for k, v in blocks.items()}
+
+    def trajectory(self, adapted: dict[str, Tensor]) -> Trajectory:
+        states = torch.stack(self.states) if self.keep_graph else self.states
+        energies = torch.stack(self.energies) if self.keep_graph else self.energies
+        warmup_info = stack_info(self.warmup_infos) if self.warmup_infos else None
+        return Trajectory(states, energies, self._thinned_info(), warmup_info, adapted)

@@ -1,0 +1,168 @@
+"""Convergence diagnostics over batched chains: ESS, split R-hat, MCSE z-scores and a ``rich`` summary.
+
+States are laid out ``[T, C, *event]`` (draws first, chains second, as in ``Trajectory.states``); pyro's
+``pyro.ops.stats`` is told so explicitly (``sample_dim=0, chain_dim=1``). Everything here runs after
+sampling, in float64, on detached states; none of it is inside a step loop.
+"""
+from __future__ import annotations
+
+import io
+from typing import TYPE_CHECKING
+
+import torch
+from pyro.ops import stats
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from samplers.trajectory import Trajectory
+
+
+def _as_draws(states: Tensor, min_draws: int) -> Tensor:
+    if not isinstance(states, Tensor) or states.dim() < 2:
+        raise ValueError("diagnostics need states shaped [T, C, *event] (draws, chains, event); got "
+                         f"{getattr(states, 'shape', type(states).__name__)}. Add a chain dimension with "
+                         "states.unsqueeze(1) for a single chain.")
+    if states.shape[0] < min_draws:
+        raise ValueError(f"diagnostics need at least {min_draws} draws per chain, got {states.shape[0]}; "
+                         "run the sampler for more steps.")
+    return states.detach().to(torch.float64)
+
+
+def effective_sample_size(states: Tensor) -> Tensor:
+    """[T, C, *event] -> [*event] effective sample size over all chains (Stan's multi-chain estimator with
+    Geyer's initial monotone sequence).
+
+    Same formula as ``pyro.ops.stats.effective_sample_size`` (a test checks they agree) and built on its
+    FFT ``autocovariance``, but pyro's cumulative minimum materializes a [T/2, T/2, *event] mask: 800 MB
+    for 2000 draws of 100 coordinates. ``torch.cummin`` does the same in O(T * event) memory.
+    """
+    draws = _as_draws(states, 2)  # [T, C, *event]
+    num_draws, num_chains = draws.shape[0], draws.shape[1]
+    autocovariance = stats.autocovariance(draws, dim=0).mean(dim=1)  # [T, *event] averaged over chains
+    var_within = draws.var(dim=0).mean(dim=0)  # [*event]
+    var_estimator = (num_draws - 1) / num_draws * var_within
+    if num_chains > 1:
+        var_estimator = var_estimator + draws.mean(dim=0).var(dim=0)
+    else:  # one chain: rho_k reduces to the chain's autocorrelation
+        var_within = var_estimator
+    rho = (var_estimator - var_within + autocovariance) / var_estimator  # [T, *event]
+    rho[0] = 1.0
+    pairs = rho[: 2 * (num_draws // 2)].reshape((num_draws // 2, 2) + rho.shape[1:]).sum(dim=1)
+    # Pair sums are positive in theory; truncate noise at zero, then force them monotone decreasing.
+    monotone = torch.cummin(pairs[1:].clamp(min=0), dim=0).values
+    tau = -1 + 2 * pairs[0] + 2 * monotone.sum(dim=0)
+    return num_chains * num_draws / tau
+
+
+def split_rhat(states: Tensor) -> Tensor:
+    """[T, C, *event] -> [*event] split R-hat (each chain halved); ~1 when the chains agree."""
+    return stats.split_gelman_rubin(_as_draws(states, 4), chain_dim=1, sample_dim=0)
+
+
+def monte_carlo_standard_error(states: Tensor) -> Tensor:
+    """[T, C, *event] -> [*event] standard error of the mean estimate: sd / sqrt(ESS)."""
+    draws = _as_draws(states, 2).flatten(0, 1)
+    return draws.std(dim=0) / effective_sample_size(states).sqrt()
+
+
+def moment_z_scores(states: Tensor, mean: Tensor, variance: Tensor, *, iid: bool = False) -> tuple[Tensor, Tensor]:
+    """z-scores of the estimated mean and variance against known values, in units of their MCSE.
+
+    states [T, C, *event], mean and variance [*event]. The variance is estimated as the mean of
+    (y - mean)^2 about the *known* mean, whose MCSE is sd((y - mean)^2) / sqrt(ESS of (y - mean)^2).
+    ``iid=True`` (exact draws) uses ESS = T * C instead of estimating it. Returns (z_mean, z_variance).
+    """
+    draws = _as_draws(states, 2)
+    mean, variance = mean.to(draws), variance.to(draws)
+    squared = (draws - mean) ** 2
+    z = []
+    for values, truth in ((draws, mean), (squared, variance)):
+        ess = torch.full_like(truth, float(values.shape[0] * values.shape[1])) if iid else effective_sample_size(values)
+        flat = values.flatten(0, 1)
+        z.append((flat.mean(dim=0) - truth).abs() / (flat.std(dim=0) / ess.sqrt()))
+    return z[0], z[1]
+
+
+def bonferroni_threshold(num_tests: int, family_error: float = 1e-3) -> float:
+    """Two-sided normal z threshold so that ``num_tests`` z-scores all pass with prob >= 1 - family_error."""
+    tail = torch.tensor(1.0 - family_error / (2 * num_tests), dtype=torch.float64)
+    return float(torch.special.ndtri(tail))
+
+
+def chain_statistics(trajectory: "Trajectory") -> dict[str, float]:
+    """Per-run scalars: acceptance (mean, min over chains), divergences, step size and, when reported,
+    tree depth and leapfrog steps (NUTS)."""
+    info = trajectory.info
+    acceptance = trajectory.acceptance_rate().double()
+    step_size = info["step_size"].detach().double()
+    result = {
+        "acceptance_mean": float(acceptance.mean()),
+        "acceptance_min": float(acceptance.min()),
+        "divergences": float(trajectory.num_divergent().sum()),
+        "step_size_mean": float(step_size.mean()),
+        "step_size_min": float(step_size.min()),
+        "step_size_max": float(step_size.max()),
+    }
+    for name in ("tree_depth", "num_leapfrog_steps"):
+        if name in info:
+            result[f"{name}_mean"] = float(info[name].double().mean())
+    return result
+
+
+def _coordinate_rows(states: Tensor) -> dict[str, Tensor]:
+    draws = _as_draws(states, 4).flatten(2)  # [T, C, D]
+    ess = effective_sample_size(draws)
+    sd = draws.flatten(0, 1).std(dim=0)
+    return {"mean": draws.mean(dim=(0, 1)), "sd": sd, "mcse": sd / ess.sqrt(), "ess": ess, "rhat": split_rhat(draws)}
+
+
+def _caption(trajectory: "Trajectory") -> str:
+    s = chain_statistics(trajectory)
+    parts = [
+        f"{trajectory.num_chains} chains x {trajectory.num_samples} draws",
+        f"acceptance {s['acceptance_mean']:.3f} (min {s['acceptance_min']:.3f})",
+        f"divergences {s['divergences']:.0f}",
+        f"step size {s['step_size_mean']:.3g} [{s['step_size_min']:.3g}, {s['step_size_max']:.3g}]",
+    ]
+    if "tree_depth_mean" in s:
+        parts.append(f"tree depth {s['tree_depth_mean']:.2f}, leapfrog steps {s['num_leapfrog_steps_mean']:.1f}")
+    return " | ".join(parts)
+
+
+def summary_table(
+    trajectory: "Trajectory", *, title: str = "sampler diagnostics", print_table: bool = True, max_coordinates: int = 8
+) -> Table:
+    """A ``rich`` table of a trajectory: one row per coordinate (mean, sd, MCSE, ESS, R-hat) when the event
+    has at most ``max_coordinates`` elements, otherwise rows aggregated over coordinates (min / median /
+    max of each statistic). The caption holds acceptance, divergences and step size. Printed unless
+    ``print_table=False``; returned either way."""
+    rows = _coordinate_rows(trajectory.states)
+    num_coordinates = rows["mean"].numel()
+    table = Table(title=title, caption=_caption(trajectory))
+    if num_coordinates <= max_coordinates:
+        table.add_column("coordinate")
+        for name in ("mean", "sd", "MCSE", "ESS", "R-hat"):
+            table.add_column(name, justify="right")
+        for index in range(num_coordinates):
+            values = [rows[key][index] for key in ("mean", "sd", "mcse", "ess", "rhat")]
+            table.add_row(str(index), *(f"{float(v):.4g}" for v in values))
+    else:
+        table.add_column(f"over {num_coordinates} coordinates")
+        for name in ("min", "median", "max"):
+            table.add_column(name, justify="right")
+        labels = {"mean": "mean", "sd": "sd", "mcse": "MCSE", "ess": "ESS", "rhat": "R-hat"}
+        for key, label in labels.items():
+            values = rows[key]
+            table.add_row(label, *(f"{float(v):.4g}" for v in (values.min(), values.median(), values.max())))
+    if print_table:
+        Console().print(table)
+    return table
+
+
+def render_text(table: Table, width: int = 120) -> str:
+    """The table as plain text (for logs and tests)."""
+    console = Console(width=width, file=io.StringIO())
+    console.print(table)
+    return console.file.getvalue()

@@ -1,0 +1,130 @@
+"""Shared plumbing of the Metropolis-corrected samplers (MALA, HMC): the per-chain accept test and a
+``Sampler`` base that refuses the differentiable mode and detailed-balance-breaking transforms, and
+adapts the step size (and diagonal mass) during warmup only.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from samplers.adaptation import WarmupAdaptation
+from samplers.base import Sampler, StepSize, as_step_size, chain_mean, check_positive, finite_chains, per_chain
+from samplers.energy import EnergyFn
+from samplers.trajectory import Trajectory
+from samplers.transforms import Transform, check_detailed_balance
+
+
+def metropolis_accept(
+    energy_error: Tensor, new_grad: Tensor, generator: Optional[torch.Generator], max_energy_error: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-chain accept test for ``energy_error`` = -log(acceptance ratio) [C].
+
+    Divergent chains (non-finite error or gradient, or an error above ``max_energy_error``) get
+    acceptance probability 0 and are always rejected; the other chains are unaffected.
+    Returns (acceptance_prob [C], accepted [C] bool, divergent [C] bool).
+    """
+    divergent = ~finite_chains(energy_error, new_grad) | (energy_error > max_energy_error)
+    acceptance_prob = torch.exp(torch.clamp(-energy_error, max=0.0))
+    acceptance_prob = torch.where(divergent, torch.zeros_like(acceptance_prob), acceptance_prob)
+    uniform = torch.rand(energy_error.shape, generator=generator, device=energy_error.device, dtype=energy_error.dtype)
+    accepted = (uniform < acceptance_prob) & ~divergent
+    return acceptance_prob, accepted, divergent
+
+
+def select(accepted: Tensor, new: Tensor, old: Tensor) -> Tensor:
+    """Per chain: ``new`` where accepted [C], else ``old``."""
+    return torch.where(per_chain(accepted, new), new, old)
+
+
+class MetropolisInfo(NamedTuple):
+    """Per-chain information of one Metropolis step (every field [C])."""
+
+    acceptance_prob: Tensor
+    accepted: Tensor
+    divergent: Tensor
+    step_size: Tensor
+    energy_error: Tensor  # -log(acceptance ratio); for HMC the Hamiltonian's error
+
+
+class Tuning(NamedTuple):
+    step_size: Tensor  # broadcasts to the state; [C, 1, ...] while adapting
+    inverse_mass: Optional[Tensor]  # broadcasts to the state; None is the identity
+    adaptation: Optional[WarmupAdaptation]  # None once (or if never) adapting
+
+
+class MetropolisSampler(Sampler):
+    """Shared plumbing of MALA and HMC: refuses the differentiable mode and detailed-balance-breaking
+    transforms, and adapts step size (and mass) during warmup, never afterwards."""
+
+    def __init__(
+        self,
+        step_size: StepSize,
+        *,
+        inverse_mass: Optional[Tensor],
+        adapt_step_size: bool,
+        adapt_mass: bool,
+        target_accept: float,
+        max_energy_error: float,
+        transforms: Sequence[Transform],
+    ) -> None:
+        super().__init__(transforms)
+        check_detailed_balance(transforms, type(self).__name__)
+        if not 0.0 < target_accept < 1.0:
+            raise ValueError(f"target_accept must be in (0, 1), got {target_accept}")
+        if not max_energy_error > 0:
+            raise ValueError(f"max_energy_error must be positive, got {max_energy_error}")
+        self.register_buffer("step_size", step_size.detach().clone() if isinstance(step_size, Tensor) else torch.tensor(float(step_size)))
+        self.register_buffer("inverse_mass", None if inverse_mass is None else inverse_mass.detach().clone())
+        self.adapt_step_size, self.adapt_mass = adapt_step_size, adapt_mass
+        self.target_accept, self.max_energy_error = target_accept, max_energy_error
+
+    def run(self, energy_fn: EnergyFn, y0: Tensor, *, differentiable: bool = False, **kwargs: Any) -> Trajectory:
+        if differentiable:
+            raise ValueError(
+                f"{type(self).__name__} has a Metropolis correction, which is not differentiable (accept/reject "
+                "is discrete); use GradientDescent or Langevin for differentiable=True."
+            )
+        return super().run(energy_fn, y0, **kwargs)
+
+    def _begin(self, y0: Tensor, warmup: int) -> Tuning:
+        step_size = as_step_size(self.step_size, y0)
+        check_positive(step_size, f"{type(self).__name__} step_size")
+        inverse_mass = None if self.inverse_mass is None else as_step_size(self.inverse_mass, y0, name="inverse_mass")
+        if inverse_mass is not None:
+            check_positive(inverse_mass, "inverse_mass")
+        if warmup == 0 or not (self.adapt_step_size or self.adapt_mass):
+            return Tuning(step_size, inverse_mass, None)
+        if self.adapt_step_size:
+            padded = step_size.reshape((1,) * (y0.dim() - step_size.dim()) + tuple(step_size.shape))
+            if any(size != 1 for size in padded.shape[1:]):
+                raise ValueError(
+                    f"a per-element step size (shape {tuple(step_size.shape)}) cannot be adapted: pass a float or "
+                    "a [C] tensor, or adapt_step_size=False"
+                )
+            step_size = padded.expand(y0.shape[0], *padded.shape[1:])  # [C, 1, ...]: dual averaging per chain
+        adaptation = WarmupAdaptation(
+            warmup,
+            step_size.clone(),
+            None if inverse_mass is None else inverse_mass.expand_as(y0).clone(),
+            target_accept=self.target_accept,
+            adapt_step_size=self.adapt_step_size,
+            adapt_mass=self.adapt_mass,
+        )
+        return Tuning(adaptation.step_size, adaptation.inverse_mass, adaptation)
+
+    def _adapt(self, tuning: Tuning, step_index: int, warmup: int, state, info: MetropolisInfo) -> Tuning:
+        adaptation = tuning.adaptation
+        if adaptation is None:
+            return tuning
+        adaptation.update(step_index, state.y, info.acceptance_prob)
+        if step_index == warmup - 1:
+            return Tuning(*adaptation.final(), None)
+        return Tuning(adaptation.step_size, adaptation.inverse_mass, adaptation)
+
+    def _adapted(self, tuning: Tuning, y0: Tensor) -> dict[str, Tensor]:
+        adapted = {"step_size": chain_mean(tuning.step_size, y0)}
+        if tuning.inverse_mass is not None:
+            adapted["inverse_mass"] = tuning.inverse_mass.expand_as(y0)
+        return adapted

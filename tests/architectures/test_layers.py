@@ -1,0 +1,124 @@
+import pytest
+import torch
+from torch import nn
+
+from architectures.layers import (RMSNorm, RotaryEmbedding, SelfAttention, SwiGLU, attention, attention_with_self,
+                                  causal_mask, init_linear, select_backend, zero_init)
+
+
+def _qkv(seed=0, batch=2, heads=2, length=5, head_dim=4, dtype=torch.float64, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, heads, length, head_dim, generator=g, dtype=dtype, requires_grad=requires_grad)
+            for _ in range(3)]
+
+
+def test_rmsnorm_unit_rms_and_gain():
+    norm = RMSNorm(6, eps=0.0)
+    x = torch.randn(3, 6, dtype=torch.float64) * 5
+    norm.double()
+    torch.testing.assert_close(norm(x).pow(2).mean(-1), torch.ones(3, dtype=torch.float64))
+    with torch.no_grad():
+        norm.weight.fill_(2.0)
+    torch.testing.assert_close(norm(x).pow(2).mean(-1), torch.full((3,), 4.0, dtype=torch.float64))
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    rope = RotaryEmbedding(8)
+    q, k = torch.randn(1, 1, 1, 8, dtype=torch.float64), torch.randn(1, 1, 1, 8, dtype=torch.float64)
+    def score(pq, pk):
+        return (rope(q, torch.tensor([pq])) * rope(k, torch.tensor([pk]))).sum()
+    torch.testing.assert_close(score(3, 1), score(10, 8))
+    torch.testing.assert_close(score(0, -1), score(7, 6))  # negative positions (the EBT's time token) work
+    assert not torch.allclose(score(3, 1), score(3, 2))
+    # Per-batch positions [B, T] rotate each row by its own positions.
+    x = torch.randn(2, 1, 3, 8, dtype=torch.float64)
+    per_row = rope(x, torch.tensor([[0, 1, 2], [5, 6, 7]]))
+    torch.testing.assert_close(per_row[1:], rope(x[1:], torch.tensor([5, 6, 7])))
+
+
+def test_rope_rejects_odd_head_width():
+    with pytest.raises(ValueError, match="even head width"):
+        RotaryEmbedding(5)
+
+
+def test_swiglu_is_bias_free_and_gated():
+    ffn = SwiGLU(4, 6)
+    assert all(layer.bias is None for layer in (ffn.gate, ffn.up, ffn.down))
+    x = torch.randn(2, 4)
+    expected = ffn.down(torch.nn.functional.silu(ffn.gate(x)) * ffn.up(x))
+    torch.testing.assert_close(ffn(x), expected)
+
+
+def test_math_and_fused_attention_agree():
+    q, k, v = _qkv()
+    mask = causal_mask(5, 5)
+    torch.testing.assert_close(attention(q, k, v, mask, backend="math"), attention(q, k, v, mask, backend="fused"))
+
+
+def test_auto_backend_picks_math_whenever_a_graph_is_built():
+    q, k, v = _qkv(requires_grad=True)
+    assert select_backend("auto", q, k, v) == "math"
+    with torch.no_grad():
+        assert select_backend("auto", q, k, v) == "fused"
+    assert select_backend("auto", *(t.detach() for t in (q, k, v))) == "fused"
+    with pytest.raises(ValueError, match="backend"):
+        select_backend("flash", q)
+
+
+def test_auto_attention_is_double_differentiable(no_fused_attention):
+    # The fixture makes the fused kernel raise, so this passes only if "auto" chose the math path.
+    q, k, v = _qkv(batch=1, heads=1, length=3, head_dim=2, requires_grad=True)
+    mask = causal_mask(3, 3)
+    assert torch.autograd.gradgradcheck(lambda a, b, c: attention(a, b, c, mask), (q, k, v))
+
+
+def test_fused_path_runs_without_a_graph(monkeypatch):
+    calls = []
+    original = torch.nn.functional.scaled_dot_product_attention
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    q, k, v = _qkv()
+    with torch.no_grad():
+        attention(q, k, v, None)
+    assert calls == [1]
+
+
+def test_attention_with_self_equals_masked_two_stream_attention():
+    q, k_self, v_self = _qkv(seed=1)
+    _, k_ctx, v_ctx = _qkv(seed=2, length=7)
+    ctx_mask = causal_mask(5, 7)  # query s sees context keys <= s + 2
+    full_mask = torch.cat((ctx_mask, torch.eye(5, dtype=torch.bool)), dim=1)
+    expected = attention(q, torch.cat((k_ctx, k_self), 2), torch.cat((v_ctx, v_self), 2), full_mask, backend="math")
+    torch.testing.assert_close(attention_with_self(q, k_ctx, v_ctx, k_self, v_self, ctx_mask), expected)
+
+
+def test_causal_mask_with_offset():
+    mask = causal_mask(2, 4)
+    assert mask.tolist() == [[True, True, True, False], [True, True, True, True]]
+
+
+def test_self_attention_with_past_equals_full_sequence():
+    torch.manual_seed(0)
+    layer = SelfAttention(8, 2).double()
+    x = torch.randn(2, 6, 8, dtype=torch.float64)
+    full, _ = layer(x, torch.arange(6), causal_mask(6, 6))
+    head, past = layer(x[:, :4], torch.arange(4), causal_mask(4, 4))
+    tail, _ = layer(x[:, 4:], torch.arange(4, 6), causal_mask(2, 6), past)
+    torch.testing.assert_close(torch.cat((head, tail), 1), full)
+
+
+def test_init_schemes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    init_linear(model, "xavier")
+    bound = (6 / 128) ** 0.5
+    assert model[0].weight.abs().max() <= bound and model[0].weight.abs().max() > 0.9 * bound
+    assert torch.count_nonzero(model[0].bias) == 0
+    init_linear(model, "normal", std=0.02)
+    assert 0.015 < model[1].weight.std() < 0.025
+    zero_init(model[1])
+    assert torch.count_nonzero(model[1].weight) == 0
+    with pytest.raises(ValueError, match="init scheme"):
+        init_linear(model, "kaiming")

@@ -1,0 +1,195 @@
+"""The EBT objective: each trick, toggled, shows its effect on a tiny text EBT."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from architectures import EBT, TransformerConfig
+from energyflow.models import TextEBM
+from energyflow.objectives import (ContrastiveTerm, CrossEntropy, EBTObjective, LinearLabelSmoothing,
+                                   RandomNoise, RandomNumSteps, ReplayBuffer, WarmupLangevinNoise, Zeros)
+from samplers import ClampGradient, ClampState, GradientDescent, LangevinNoise, RandomizedStepSize
+
+VOCAB, LENGTH, BATCH = 16, 6, 4
+
+
+@pytest.fixture(scope="module")
+def model() -> TextEBM:
+    torch.manual_seed(0)
+    return TextEBM(EBT(TransformerConfig(dim=32, num_layers=1, num_heads=2, max_seq_len=LENGTH)), VOCAB)
+
+
+@pytest.fixture(scope="module")
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.randint(0, VOCAB, (BATCH, LENGTH + 1), generator=torch.Generator().manual_seed(0))
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def run(objective, model, batch, seed=0, **kwargs):
+    return objective(model, *batch, generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+def grads(loss, params, retain_graph=False):
+    return torch.autograd.grad(loss, params, allow_unused=True, retain_graph=retain_graph)
+
+
+def test_per_step_losses_and_summary_metrics(model, batch):
+    out = run(EBTObjective(GradientDescent(2.0, learnable=True), num_steps=3), model, batch)
+    metrics = out.metrics
+    assert [f"loss_step_{k}" for k in (1, 2, 3)] == [k for k in metrics if k.startswith("loss_step")]
+    stacked = torch.stack([metrics[f"loss_step_{k}"] for k in (1, 2, 3)])
+    torch.testing.assert_close(out.loss.detach(), stacked.mean())  # loss at every step, averaged
+    assert metrics["initial_loss"] == metrics["loss_step_1"] and metrics["final_loss"] == metrics["loss_step_3"]
+    assert metrics["step_size"] == 2.0 and metrics["num_steps"] == 3.0
+    torch.testing.assert_close(metrics["energy_gap"], metrics["initial_energy"] - metrics["final_energy"])
+    assert all(not v.requires_grad for v in metrics.values())
+
+
+def test_loss_on_last_step_only(model, batch):
+    out = run(EBTObjective(GradientDescent(2.0), num_steps=3, loss_on_last_step_only=True), model, batch)
+    torch.testing.assert_close(out.loss.detach(), out.metrics["final_loss"])
+
+
+def test_initial_state_noise_versus_zeros(model, batch):
+    """Zeros makes the chain deterministic (only the initial state is random here); noise depends on the seed."""
+    zeros = EBTObjective(GradientDescent(2.0), num_steps=2, initial_state=Zeros())
+    torch.testing.assert_close(run(zeros, model, batch, seed=0).final_state, run(zeros, model, batch, seed=1).final_state)
+    noise = EBTObjective(GradientDescent(2.0), num_steps=2, initial_state=RandomNoise(2.0))
+    assert not torch.allclose(run(noise, model, batch, seed=0).final_state, run(noise, model, batch, seed=1).final_state)
+    draw = RandomNoise(2.0)((20000,), device=torch.device("cpu"), dtype=torch.float32,
+                            generator=torch.Generator().manual_seed(0))
+    assert abs(float(draw.std()) - 2.0) < 0.05  # sd of the sample sd ~ 2 / sqrt(2 * 20000) = 0.01
+
+
+def test_learnable_step_size_gets_a_gradient_and_fixed_does_not(model, batch):
+    learnable = EBTObjective(GradientDescent(2.0, learnable=True), num_steps=2)
+    (grad,) = grads(run(learnable, model, batch).loss, [learnable.sampler.step_size])
+    assert grad is not None and grad != 0
+    fixed = EBTObjective(GradientDescent(2.0), num_steps=2)
+    assert not any(p is fixed.sampler.step_size for p in fixed.parameters())
+
+
+def test_truncation_keeps_only_the_last_steps_graph(model, batch):
+    out = run(EBTObjective(GradientDescent(2.0), num_steps=3, truncate=1, detach_between_steps=False), model, batch)
+    params = list(model.parameters())
+    first = grads(out.trajectory.states[0].sum(), params, retain_graph=True)
+    last = grads(out.trajectory.states[-1].sum(), params)
+    # (the states are stacked, so the first state's gradient reaches the weights only as exact zeros)
+    assert all(g is None or not g.any() for g in first) and any(g is not None and g.any() for g in last)
+
+
+def test_no_detach_backpropagates_through_the_whole_chain(model, batch):
+    """With detach, loss(y_2) reaches the weights only through step 2's gradient; without, also through y_1."""
+    params = list(model.parameters())
+    outs = {flag: run(EBTObjective(GradientDescent(2.0), num_steps=2, loss_on_last_step_only=True,
+                                   detach_between_steps=flag), model, batch) for flag in (True, False)}
+    torch.testing.assert_close(outs[True].loss, outs[False].loss)  # same forward values
+    detached, full = grads(outs[True].loss, params), grads(outs[False].loss, params)
+    difference = sum(float((a - b).abs().sum()) for a, b in zip(detached, full) if a is not None)
+    assert difference > 1e-6
+
+
+def test_langevin_noise_changes_the_trajectory(model, batch):
+    plain = run(EBTObjective(GradientDescent(2.0), num_steps=2, initial_state=Zeros()), model, batch)
+    noisy = run(EBTObjective(GradientDescent(2.0, transforms=[LangevinNoise(0.5)]), num_steps=2,
+                             initial_state=Zeros()), model, batch)
+    assert not torch.allclose(plain.final_state, noisy.final_state)
+    assert noisy.metrics["langevin_noise"] == 0.5
+
+
+def test_langevin_noise_learnable_only_after_warmup(model, batch):
+    noise = WarmupLangevinNoise(0.5, learnable_after_step=10)
+    objective = EBTObjective(GradientDescent(2.0, transforms=[noise]), num_steps=2)
+    (before,) = grads(run(objective, model, batch, step=9).loss, [noise.scale])
+    (after,) = grads(run(objective, model, batch, step=10).loss, [noise.scale])
+    assert before == 0 and after != 0
+
+
+def test_randomized_step_size_is_per_element(model, batch):
+    """RandomizedStepSize(2) draws per element from U(a/2, 2a): the state's update varies across elements."""
+    constant = run(EBTObjective(GradientDescent(2.0), num_steps=1, initial_state=Zeros()), model, batch)
+    randomized = run(EBTObjective(GradientDescent(2.0, schedule=RandomizedStepSize(2.0)), num_steps=1,
+                                  initial_state=Zeros()), model, batch)
+    ratio = randomized.final_state / constant.final_state  # y_1 = -a * g: the ratio is the drawn multiplier
+    finite = ratio[constant.final_state.abs() > 1e-6]
+    assert finite.min() >= 0.5 - 1e-4 and finite.max() <= 2.0 + 1e-4 and finite.std() > 0.1
+
+
+def test_randomized_number_of_steps(model, batch):
+    objective = EBTObjective(GradientDescent(2.0), num_steps=RandomNumSteps(1, 3, eval_num_steps=2))
+    counts = {int(run(objective, model, batch, step=s).metrics["num_steps"]) for s in range(12)}
+    assert counts == {1, 2, 3}
+    assert run(objective, model, batch, step=5).metrics == run(objective, model, batch, step=5).metrics  # per step
+    objective.eval()
+    assert run(objective, model, batch, step=0).metrics["num_steps"] == 2
+
+
+def test_gradient_and_state_clamps(model, batch):
+    """ClampGradient relative to the step size bounds each update by max_value; ClampState bounds the state."""
+    relative = run(EBTObjective(GradientDescent(50.0, transforms=[ClampGradient(0.01, relative_to_step_size=True)]),
+                                num_steps=1, initial_state=Zeros()), model, batch)
+    assert relative.final_state.abs().max() <= 0.01 + 1e-6
+    clamped = run(EBTObjective(GradientDescent(1e4, transforms=[ClampState(-0.5, 0.5)]), num_steps=2), model, batch)
+    assert clamped.final_state.abs().max() <= 0.5
+    free = run(EBTObjective(GradientDescent(1e4), num_steps=2), model, batch)
+    assert free.final_state.abs().max() > 0.5
+
+
+def test_label_smoothing_schedule(model, batch):
+    schedule = LinearLabelSmoothing(start=0.2, end=0.0)
+    assert [schedule(k, 3) for k in range(3)] == pytest.approx([0.2, 0.1, 0.0])
+    assert schedule(0, 1) == 0.0
+    plain = run(EBTObjective(GradientDescent(2.0), num_steps=3), model, batch).metrics
+    smooth = run(EBTObjective(GradientDescent(2.0), num_steps=3, label_smoothing=schedule), model, batch).metrics
+    assert smooth["loss_step_1"] != plain["loss_step_1"]  # soft targets early ...
+    torch.testing.assert_close(smooth["loss_step_3"], plain["loss_step_3"])  # ... exact at the last step
+
+
+def test_contrastive_term_changes_gradients(model, batch):
+    params = list(model.parameters())
+    base = EBTObjective(GradientDescent(2.0), num_steps=2)
+    contrast = EBTObjective(GradientDescent(2.0), num_steps=2, contrastive=ContrastiveTerm(weight=1.0))
+    plain_out, contrast_out = run(base, model, batch), run(contrast, model, batch)
+    assert "contrastive" in contrast_out.metrics
+    plain, with_term = grads(plain_out.loss, params), grads(contrast_out.loss, params)
+    assert sum(float((a - b).abs().sum()) for a, b in zip(plain, with_term) if a is not None) > 1e-6
+
+
+def test_replay_buffer_supplies_initial_states(model, batch):
+    buffer = ReplayBuffer(capacity=8, fraction=0.5)
+    objective = EBTObjective(GradientDescent(2.0), num_steps=2, replay_buffer=buffer)
+    first = run(objective, model, batch, seed=0)
+    assert first.metrics["replayed_fraction"] == 0 and len(buffer) == BATCH
+    inputs, targets, stored = buffer._fields
+    torch.testing.assert_close(stored[:BATCH], first.final_state)  # the final states were stored ...
+    fresh = torch.zeros(BATCH, LENGTH, VOCAB)
+    mixed_inputs, _, mixed_state, count = buffer.mix(*batch, fresh, torch.Generator().manual_seed(0))
+    assert count == BATCH // 2
+    for row in range(BATCH - count, BATCH):  # ... and come back as initial states, with their own contexts
+        match = [(stored[i] == mixed_state[row]).all() and (inputs[i] == mixed_inputs[row]).all() for i in range(BATCH)]
+        assert any(match)
+    second = run(objective, model, batch, seed=1)
+    assert second.metrics["replayed_fraction"] == 0.5 and len(buffer) == 2 * BATCH
+
+
+def test_evaluation_has_no_graph_and_uses_the_eval_sampler(model, batch):
+    train_sampler = GradientDescent(2.0, learnable=True, transforms=[LangevinNoise(1.0)])
+    objective = EBTObjective(train_sampler, eval_sampler=GradientDescent(1.0), num_steps=2)
+    assert objective.eval_sampler.step_size is train_sampler.step_size  # validation uses the learned value
+    objective.eval()
+    out = run(objective, model, batch)
+    assert not out.loss.requires_grad and "langevin_noise" not in out.metrics
+    assert out.metrics["step_size"] == 2.0
+
+
+def test_bad_configuration_is_named():
+    with pytest.raises(ValueError, match="regression loss"):
+        from energyflow.objectives import SmoothL1
+
+        EBTObjective(GradientDescent(1.0), loss=SmoothL1(), label_smoothing=LinearLabelSmoothing())
+    with pytest.raises(ValueError, match="num_steps"):
+        EBTObjective(GradientDescent(1.0), num_steps=0)
+    with pytest.raises(ValueError, match="low <= high"):
+        RandomNumSteps(3, 2)
+    with pytest.raises(ValueError, match="CrossEntropy expects"):
+        CrossEntropy()(torch.randn(2, 3, 4), torch.zeros(2, 4, dtype=torch.long))

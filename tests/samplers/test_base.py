@@ -1,0 +1,67 @@
+"""The shared driver: what a Trajectory holds, thinning, step-size broadcasting, reproducibility."""
+import pytest
+import torch
+
+from samplers import INFO_FIELDS, HMC, GradientDescent, Langevin
+from samplers.base import as_step_size, chain_mean
+
+
+def energy_fn(y: torch.Tensor) -> torch.Tensor:
+    return 0.5 * y.square().flatten(1).sum(dim=1)
+
+
+@pytest.mark.parametrize("make", [lambda: GradientDescent(0.1), lambda: Langevin(0.1), lambda: HMC(0.2, 3)])
+def test_trajectory_layout(make, generator):
+    y0 = torch.randn(5, 2, 3, generator=generator)
+    trace = make().run(energy_fn, y0, num_steps=6, warmup=2, generator=generator)
+    assert trace.states.shape == (6, 5, 2, 3) and trace.energies.shape == (6, 5)
+    assert set(INFO_FIELDS) <= set(trace.info) and all(v.shape == (6, 5) for v in trace.info.values())
+    assert trace.warmup_info["accepted"].shape == (2, 5)
+    torch.testing.assert_close(trace.energies, torch.stack([energy_fn(s) for s in trace.states]))
+    assert trace.states.dtype == y0.dtype and trace.states.device == y0.device
+
+
+def test_states_start_after_y0():
+    y0 = torch.ones(1, 1)
+    trace = GradientDescent(0.5).run(energy_fn, y0, num_steps=2)
+    torch.testing.assert_close(trace.states[:, 0, 0], torch.tensor([0.5, 0.25]))
+
+
+def test_thinning_keeps_every_kth_state_and_keeps_every_divergence():
+    y0 = torch.zeros(8, 3, dtype=torch.float64)
+    run = lambda thin: HMC(1.2, 4, adapt_step_size=False, adapt_mass=False, max_energy_error=1.0).run(  # noqa: E731
+        energy_fn, y0, num_steps=12, thin=thin, generator=torch.Generator().manual_seed(0))
+    full, thinned = run(1), run(4)
+    torch.testing.assert_close(thinned.states, full.states[3::4])
+    torch.testing.assert_close(thinned.energies, full.energies[3::4])
+    blocks = lambda name: full.info[name].view(3, 4, 8)  # noqa: E731
+    torch.testing.assert_close(thinned.info["divergent"], blocks("divergent").any(dim=1))
+    torch.testing.assert_close(thinned.info["acceptance_prob"], blocks("acceptance_prob").mean(dim=1))
+    assert thinned.num_divergent().sum() > 0
+
+
+def test_thin_drops_the_incomplete_last_block():
+    trace = GradientDescent(0.1).run(energy_fn, torch.ones(2, 2), num_steps=7, thin=3)
+    assert trace.states.shape[0] == 2 and trace.info["step_size"].shape == (2, 2)
+
+
+def test_same_generator_same_langevin_run():
+    runs = [Langevin(0.1).run(energy_fn, torch.zeros(3, 2), num_steps=5, generator=torch.Generator().manual_seed(9))
+            for _ in range(2)]
+    torch.testing.assert_close(runs[0].states, runs[1].states, rtol=0, atol=0)
+
+
+def test_call_is_run():
+    sampler, y0 = GradientDescent(0.1), torch.ones(2, 2)
+    torch.testing.assert_close(sampler(energy_fn, y0, num_steps=2).states, sampler.run(energy_fn, y0, num_steps=2).states)
+
+
+def test_step_size_broadcasting():
+    y = torch.zeros(4, 3, 2)
+    assert as_step_size(0.1, y).shape == ()
+    assert as_step_size(torch.ones(4), y).shape == (4, 1, 1)  # [C]: per chain
+    assert as_step_size(torch.ones(3, 2), y).shape == (3, 2)  # per element, shared across chains
+    assert as_step_size(torch.ones(4, 3, 1), y).shape == (4, 3, 1)
+    torch.testing.assert_close(chain_mean(torch.tensor([[1.0, 3.0]]).expand(3, 2), torch.zeros(4, 3, 2)),
+                               torch.full((4,), 2.0))
+    torch.testing.assert_close(chain_mean(torch.arange(4.0).view(4, 1, 1), y), torch.arange(4.0))

@@ -1,0 +1,152 @@
+"""Differentiable mode: gradcheck through the unrolled steps, equality with hand-unrolled loops (full,
+truncated, detached between steps), the EBT-shaped use, the cost of a run, and the refusals."""
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from samplers import HMC, MALA, ClampGradient, GradientDescent, Langevin, LangevinNoise, RandomizedStepSize
+
+
+class QuarticEnergy(nn.Module):
+    """E(y) = sum_i w_i (y_i - m_i)^2 / 2 + (y_i^4) / 4: non-quadratic, so second-order terms matter."""
+
+    def __init__(self, dim: int = 3) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.center = nn.Parameter(torch.randn(dim, generator=generator, dtype=torch.float64))
+        self.weight = nn.Parameter(torch.rand(dim, generator=generator, dtype=torch.float64) + 0.5)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return (0.5 * self.weight * (y - self.center).square() + 0.25 * y.pow(4)).sum(dim=-1)
+
+
+Y0 = torch.randn(4, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+TARGET = torch.randn(4, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+
+def hand_unrolled(energy, step_size, num_steps, *, keep_from=0, detach=False):
+    """The definition: y_{k+1} = y_k - a grad E(y_k) with create_graph; steps before ``keep_from`` without a
+    graph; ``detach`` starts every step from sg(y_k)."""
+    y, states = Y0, []
+    for index in range(num_steps):
+        keep = index >= keep_from
+        y_in = y.detach().requires_grad_(True) if (detach or not keep or not y.requires_grad) else y
+        (grad,) = torch.autograd.grad(energy(y_in).sum(), y_in, create_graph=keep)
+        y = y_in - step_size * grad if keep else (y_in - step_size * grad).detach()
+        states.append(y)
+    return torch.stack(states)
+
+
+def loss_of(states):
+    return ((states - TARGET) ** 2).sum()  # a task loss on every step, as in EBT training
+
+
+def gradients(loss, module, sampler):
+    return torch.autograd.grad(loss, [*module.parameters(), sampler.step_size])
+
+
+@pytest.mark.parametrize("options,keep_from,detach", [({}, 0, False), ({"truncate": 2}, 3, False),
+                                                       ({"detach_between_steps": True}, 0, True)])
+def test_matches_the_hand_unrolled_loop(options, keep_from, detach):
+    energy, sampler = QuarticEnergy(), GradientDescent(0.1, learnable=True).double()
+    trace = sampler.run(energy, Y0, num_steps=5, differentiable=True, **options)
+    expected_states = hand_unrolled(energy, sampler.step_size, 5, keep_from=keep_from, detach=detach)
+    torch.testing.assert_close(trace.states, expected_states)
+    ours = gradients(loss_of(trace.states), energy, sampler)
+    reference = gradients(loss_of(expected_states), energy, sampler)
+    for got, want in zip(ours, reference):
+        torch.testing.assert_close(got, want)
+    if options:  # truncation / detaching really changes the gradient
+        full = hand_unrolled(energy, sampler.step_size, 5)
+        assert not torch.allclose(gradients(loss_of(full), energy, sampler)[0], ours[0])
+
+
+def test_truncation_keeps_only_the_last_k_steps_in_the_graph():
+    energy, sampler = QuarticEnergy(), GradientDescent(0.1, learnable=True).double()
+    trace = sampler.run(energy, Y0, num_steps=5, differentiable=True, truncate=2)
+    parameters = [*energy.parameters(), sampler.step_size]
+    early = torch.autograd.grad(trace.states[:3].sum(), parameters, retain_graph=True, allow_unused=True)
+    assert all(g is None or (g == 0).all() for g in early)
+    late = torch.autograd.grad(trace.states[3].sum(), parameters)
+    assert all((g != 0).any() for g in late)
+
+
+def test_gradcheck_through_the_steps():
+    """float64 gradcheck of a loss on the final state w.r.t. the energy's parameters and the step size."""
+    energy, sampler = QuarticEnergy(), GradientDescent(0.1, learnable=True).double()
+
+    def final_loss(center, weight, step_size):
+        parameters = {"center": center, "weight": weight}
+        energy_fn = lambda y: functional_call(energy, parameters, (y,))  # noqa: E731
+        trace = functional_call(sampler, {"step_size": step_size}, (energy_fn, Y0),
+                                {"num_steps": 3, "differentiable": True})
+        return ((trace.final_state - TARGET) ** 2).sum()
+
+    inputs = (energy.center.detach().clone().requires_grad_(), energy.weight.detach().clone().requires_grad_(),
+              torch.tensor(0.1, dtype=torch.float64, requires_grad=True))
+    assert torch.autograd.gradcheck(final_loss, inputs)
+
+
+def test_langevin_matches_its_hand_unrolled_loop():
+    energy = QuarticEnergy()
+    trace = Langevin(0.05, temperature=0.5).run(energy, Y0, num_steps=3, differentiable=True,
+                                                generator=torch.Generator().manual_seed(4))
+    generator, y = torch.Generator().manual_seed(4), Y0.requires_grad_(False)
+    for _ in range(3):
+        y_in = y if y.requires_grad else y.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(energy(y_in).sum(), y_in, create_graph=True)
+        y = y_in - 0.05 * grad + (2 * 0.05 * 0.5) ** 0.5 * torch.randn(y.shape, generator=generator, dtype=y.dtype)
+    torch.testing.assert_close(trace.final_state, y)
+    ours = torch.autograd.grad(trace.final_state.sum(), list(energy.parameters()))
+    for got, want in zip(ours, torch.autograd.grad(y.sum(), list(energy.parameters()))):
+        torch.testing.assert_close(got, want)
+
+
+def test_one_forward_and_one_backward_per_step():
+    """K steps: K energy+gradient evaluations for y_0..y_{K-1} and one forward for y_K's energy."""
+    energy, calls = QuarticEnergy(), []
+
+    def counting(y):
+        calls.append(y.requires_grad)
+        return energy(y)
+
+    GradientDescent(0.1, learnable=True).double().run(counting, Y0, num_steps=4, differentiable=True)
+    assert len(calls) == 5
+
+
+def test_ebt_shaped_run_trains_everything():
+    """y0: random logits [B, S, V]; energy [B, S]; randomized step, relative gradient clamp and learnable
+    Langevin noise, as an EBT recipe would compose them. Every learnable reaches a finite gradient."""
+    generator = torch.Generator().manual_seed(5)
+    head = nn.Linear(6, 1)
+    energy_fn = lambda logits: head(torch.softmax(logits, dim=-1)).squeeze(-1)  # noqa: E731
+    noise = LangevinNoise(0.1, learnable=True)
+    sampler = GradientDescent(2.0, learnable=True, schedule=RandomizedStepSize(2.0),
+                              transforms=[ClampGradient(0.5, relative_to_step_size=True), noise])
+    trace = sampler.run(energy_fn, torch.randn(2, 5, 6, generator=generator), num_steps=2, differentiable=True,
+                        generator=generator)
+    assert trace.states.shape == (2, 2, 5, 6) and trace.energies.shape == (2, 2)
+    loss = nn.functional.cross_entropy(trace.states.flatten(0, 2), torch.zeros(20, dtype=torch.long))
+    loss.backward()
+    for parameter in [head.weight, sampler.step_size, noise.scale]:
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all() and parameter.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("sampler", [MALA(0.1), HMC(0.1, 3)])
+def test_metropolis_samplers_refuse(sampler):
+    with pytest.raises(ValueError, match="not differentiable"):
+        sampler.run(QuarticEnergy(), Y0, num_steps=2, differentiable=True)
+
+
+def test_truncate_and_detach_need_differentiable():
+    with pytest.raises(ValueError, match="differentiable=True"):
+        GradientDescent(0.1).run(QuarticEnergy(), Y0, num_steps=3, truncate=1)
+    with pytest.raises(ValueError, match="differentiable=True"):
+        GradientDescent(0.1).run(QuarticEnergy(), Y0, num_steps=3, detach_between_steps=True)
+
+
+def test_non_differentiable_run_builds_no_graph():
+    energy, sampler = QuarticEnergy(), GradientDescent(0.1, learnable=True).double()
+    trace = sampler.run(energy, Y0, num_steps=3)
+    assert not trace.states.requires_grad and not trace.energies.requires_grad
