@@ -141,7 +141,8 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=32, help="generation: new tokens")
     parser.add_argument("--thinking-steps", type=int, default=2, help="generation: EBT steps per token")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    # One thread by default: on a shared CPU extra intra-op threads mostly spin against other processes.
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     ebt, baseline = build(args)

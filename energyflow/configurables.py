@@ -71,6 +71,13 @@ _register("energyflow.objectives", _ebt_objectives.EBTObjective, _ebt_objectives
 gin.external_configurable(samplers.GradientDescent, name="EvalGradientDescent", module="energyflow.objectives")
 _register("energyflow.tasks", _ebt_tasks.EBTLanguageModelTask)
 
+# ---------------------------------------------------------------------- H-Net backbone and its tasks
+from architectures import hnet as _hnet, hnet_ebt as _hnet_ebt  # noqa: E402
+from energyflow import tasks_hnet as _hnet_tasks  # noqa: E402
+
+_register("architectures", _hnet.HNetConfig, _hnet.HNet, _hnet.HNetLM, _hnet_ebt.HNetContextEBT)
+_register("energyflow.tasks", _hnet_tasks.HNetLanguageModelTask, _hnet_tasks.HNetEBTLanguageModelTask)
+
 # --------------------------------------------------------------------------------------------- roots
 # `energyflow train` calls `launch`; `launch.program` is `train` unless a recipe binds `@compare`.
 _register("energyflow", experiment.train, experiment.compare, experiment.launch)

@@ -37,6 +37,8 @@ def line_plot(path: PathLike, x: Sequence[float], series: Mapping[str, Sequence[
         axes.axhline(reference[1], color="black", linestyle="--", label=reference[0])
     if log_x:
         axes.set_xscale("log", base=2)
+        axes.set_xticks(list(x), [f"{v:g}" for v in x])  # 1, 2, 4 rather than 2^0, 2^1, 2^2
+        axes.minorticks_off()
     axes.set(xlabel=xlabel, ylabel=ylabel, title=title)
     axes.grid(alpha=0.3)
     axes.legend()

@@ -8,6 +8,7 @@ so a run stopped and resumed reproduces the uninterrupted run bit for bit on CPU
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +109,16 @@ class Trainer:
             run.monitor.close(run.final)
 
 
+def _wrap_ddp(task: Task, device: torch.device) -> DistributedDataParallel:
+    """DDP that never re-syncs buffers in forward: buffers such as a replay buffer are per-rank state
+    (all ranks start equal: same seed, same checkpoint). torch >= 2.13 names this ``forward_sync_buffers``
+    and deprecates ``broadcast_buffers``."""
+    device_ids = [device] if device.type == "cuda" else None
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return DistributedDataParallel(task, device_ids=device_ids, forward_sync_buffers=False)
+    return DistributedDataParallel(task, device_ids=device_ids, broadcast_buffers=False)
+
+
 class _Run:
     """The mutable state of one ``fit`` call, split into short steps."""
 
@@ -127,9 +138,7 @@ class _Run:
         self.generator = torch.Generator(device=self.context.device)
         self.checkpoints = out_dir / "checkpoints"
         self.start_step = self._resume()
-        self.model = task if not self.context.is_distributed else DistributedDataParallel(
-            task, device_ids=[self.context.device] if self.context.device.type == "cuda" else None,
-            broadcast_buffers=False)  # buffers such as a replay buffer are per-rank state
+        self.model = task if not self.context.is_distributed else _wrap_ddp(task, self.context.device)
         batches = data.validation_batches(trainer.eval_batch_size or self.stream.micro_batch, trainer.eval_batches)
         self.result = RunResult(out_dir=out_dir, task=task, validation_windows=batches, device=self.context.device)
         self.final: dict[str, dict[str, float]] = {}

@@ -5,15 +5,7 @@
 
 ``energy_fn(y: [C, *event]) -> [C]`` or ``[C, S]``; lower is better; chains lead. See docs/samplers.md.
 """
-from samplers.diagnostics import (
-    bonferroni_threshold,
-    chain_statistics,
-    effective_sample_size,
-    monte_carlo_standard_error,
-    moment_z_scores,
-    split_rhat,
-    summary_table,
-)
+from samplers.diagnostics import effective_sample_size, split_rhat, summary_table
 from samplers.energy import EnergyAndGrad, energy_and_grad, log_density
 from samplers.gradient_descent import GradientDescent
 from samplers.hmc import HMC
@@ -51,13 +43,9 @@ __all__ = [
     "Target",
     "Trajectory",
     "Transform",
-    "bonferroni_threshold",
-    "chain_statistics",
     "effective_sample_size",
     "energy_and_grad",
     "log_density",
-    "monte_carlo_standard_error",
-    "moment_z_scores",
     "split_rhat",
     "summary_table",
 ]

@@ -6,14 +6,14 @@ The loop never reads a tensor value on the host: accept/reject is ``torch.where`
 elementwise tensor arithmetic, schedules use Python step indices.
 
 Differentiable mode: step ``t`` (0-based, of ``T = warmup + num_steps``) keeps a graph iff
-``differentiable`` and ``t >= T - truncate``; steps outside that window run under ``torch.no_grad``.
+``differentiable`` and ``t >= T - truncate`` (it runs under ``torch.enable_grad``, so an outer ``no_grad``
+cannot silently drop the graph); steps outside that window run under ``torch.no_grad``.
 Each state caches its energy and gradient, evaluated once when the state is created; it is evaluated with
 ``create_graph=True`` iff the *next* step keeps a graph, so every step costs exactly one energy forward
 and one backward, and the last state (whose gradient no step uses) costs one forward only.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -53,7 +53,8 @@ class StepContext(NamedTuple):
 
 
 def as_step_size(step_size: StepSize, y: Tensor, name: str = "step_size") -> Tensor:
-    """A step size (or another per-chain/per-element value, e.g. a temperature) as a tensor that broadcasts against ``y`` [C, *event] (same device and dtype).
+    """A step size (or another per-chain/per-element value, e.g. a temperature) as a tensor that
+    broadcasts against ``y`` [C, *event] (same device and dtype).
 
     A scalar is global, a 1-D tensor of length C is per chain (reshaped to [C, 1, ...]), anything else
     must broadcast to ``y``'s shape (per element). Differentiable: a Parameter keeps its graph.
@@ -75,10 +76,17 @@ def as_step_size(step_size: StepSize, y: Tensor, name: str = "step_size") -> Ten
     return value
 
 
-def check_positive(value: Tensor, name: str) -> None:
+def copy_as_tensor(value: StepSize) -> Tensor:
+    """A detached copy of a float or tensor hyperparameter, to register as a buffer (or wrap as a Parameter)."""
+    return value.detach().clone() if isinstance(value, Tensor) else torch.tensor(float(value))
+
+
+def check_positive(value: Tensor, name: str, *, allow_zero: bool = False) -> None:
     """Entry-time validation (a host sync, outside any loop)."""
-    if not bool(torch.isfinite(value).all()) or bool((value <= 0).any()):
-        raise ValueError(f"{name} must be finite and positive everywhere, got min {value.detach().min()}")
+    too_small = (value < 0) if allow_zero else (value <= 0)
+    if not bool(torch.isfinite(value).all()) or bool(too_small.any()):
+        qualifier = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be finite and {qualifier} everywhere, got min {value.detach().min()}")
 
 
 def per_chain(x: Tensor, like: Tensor) -> Tensor:
@@ -142,6 +150,8 @@ class Sampler(nn.Module):
     ``_adapted``.
     """
 
+    supports_differentiable = True
+
     def __init__(self, transforms: Sequence[Transform] = ()) -> None:
         super().__init__()
         for transform in transforms:
@@ -188,6 +198,11 @@ class Sampler(nn.Module):
         ``differentiable=True`` keeps the graph (states carry it); ``truncate=k`` keeps it only for the last
         k steps; ``detach_between_steps=True`` adds a ``Detach`` transform (see ``samplers.transforms``).
         """
+        if differentiable and not self.supports_differentiable:
+            raise ValueError(
+                f"{type(self).__name__} has a Metropolis correction, which is not differentiable (accept/reject "
+                "is discrete); use GradientDescent or Langevin for differentiable=True."
+            )
         _check_run_args(y0, num_steps, warmup, thin, generator, differentiable, truncate, detach_between_steps)
         transforms = list(self.transforms) + ([Detach()] if detach_between_steps else [])
         total = warmup + num_steps
@@ -202,7 +217,7 @@ class Sampler(nn.Module):
         recorder = _Recorder(y0, num_steps, thin, keep_graph=differentiable)
         for index in range(total):
             ctx = StepContext(index, total, generator, keeps_graph(index + 1), index < total - 1)
-            with contextlib.nullcontext() if keeps_graph(index) else torch.no_grad():
+            with torch.enable_grad() if keeps_graph(index) else torch.no_grad():
                 state, info = self._transition(state, energy_fn, transforms, tuning, ctx)
             if index < warmup:
                 tuning = self._adapt(tuning, index, warmup, state, info)
@@ -277,7 +292,8 @@ class _Recorder:
         return {k: v.any(dim=1) if v.dtype == torch.bool else v.mean(dim=1) for k, v in blocks.items()}
 
     def trajectory(self, adapted: dict[str, Tensor]) -> Trajectory:
-        states = torch.stack(self.states) if self.keep_graph else self.states
-        energies = torch.stack(self.energies) if self.keep_graph else self.energies
+        with torch.enable_grad():  # stacking keeps the states' graph even under an outer no_grad
+            states = torch.stack(self.states) if self.keep_graph else self.states
+            energies = torch.stack(self.energies) if self.keep_graph else self.energies
         warmup_info = stack_info(self.warmup_infos) if self.warmup_infos else None
         return Trajectory(states, energies, self._thinned_info(), warmup_info, adapted)

@@ -19,6 +19,7 @@ from samplers.base import (
     StepSize,
     as_step_size,
     check_positive,
+    copy_as_tensor,
     evaluate,
     unadjusted_info,
 )
@@ -99,7 +100,7 @@ class GradientDescent(Sampler):
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         if nesterov and momentum == 0.0:
             raise ValueError("nesterov=True needs momentum > 0")
-        value = step_size.detach().clone() if isinstance(step_size, Tensor) else torch.tensor(float(step_size))
+        value = copy_as_tensor(step_size)
         if learnable:
             self.step_size = nn.Parameter(value)
         else:

@@ -45,12 +45,13 @@ def leapfrog(
     Returns (y [C, *event], momentum [C, *event], energy and *raw* gradient at the final y).
     """
     half_step = 0.5 * step_size
-    momentum = momentum - half_step * apply_grad(transforms, grad, step_size)
+    # addcmul fuses each "x + a * b" into one pass over the [C, *event] tensors.
+    momentum = torch.addcmul(momentum, half_step, apply_grad(transforms, grad, step_size), value=-1.0)
     evaluated = None
     for index in range(num_steps):
         velocity = momentum if inverse_mass is None else momentum * inverse_mass
-        y = y + step_size * velocity
+        y = torch.addcmul(y, step_size, velocity)
         evaluated = energy_and_grad(energy_fn, y)
         kick = step_size if index < num_steps - 1 else half_step
-        momentum = momentum - kick * apply_grad(transforms, evaluated.grad, step_size)
+        momentum = torch.addcmul(momentum, kick, apply_grad(transforms, evaluated.grad, step_size), value=-1.0)
     return y, momentum, evaluated

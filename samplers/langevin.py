@@ -20,6 +20,7 @@ from samplers.base import (
     StepSize,
     as_step_size,
     check_positive,
+    copy_as_tensor,
     evaluate,
     unadjusted_info,
 )
@@ -79,15 +80,13 @@ class Langevin(Sampler):
         transforms: Sequence[Transform] = (),
     ) -> None:
         super().__init__(transforms)
-        self.register_buffer("step_size", _as_buffer(step_size))
-        self.register_buffer("temperature", _as_buffer(temperature))
+        self.register_buffer("step_size", copy_as_tensor(step_size))
+        self.register_buffer("temperature", copy_as_tensor(temperature))
         self.schedule, self.temperature_schedule = schedule, temperature_schedule
 
     def _begin(self, y0: Tensor, warmup: int) -> None:
         check_positive(as_step_size(self.step_size, y0), "Langevin step_size")
-        temperature = as_step_size(self.temperature, y0, name="temperature")
-        if bool((temperature < 0).any()) or not bool(torch.isfinite(temperature).all()):
-            raise ValueError("Langevin temperature must be finite and >= 0 (T = 0 is gradient descent)")
+        check_positive(as_step_size(self.temperature, y0, name="temperature"), "Langevin temperature", allow_zero=True)
 
     def _init(
         self, y0: Tensor, energy_fn: EnergyFn, transforms: Sequence[Transform], create_graph: bool
@@ -119,6 +118,3 @@ class Langevin(Sampler):
     def extra_repr(self) -> str:
         return f"schedule={self.schedule}, temperature_schedule={self.temperature_schedule}"
 
-
-def _as_buffer(value: float | Tensor) -> Tensor:
-    return value.detach().clone() if isinstance(value, Tensor) else torch.tensor(float(value))

@@ -4,15 +4,22 @@ adapts the step size (and diagonal mass) during warmup only.
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from samplers.adaptation import WarmupAdaptation
-from samplers.base import Sampler, StepSize, as_step_size, chain_mean, check_positive, finite_chains, per_chain
-from samplers.energy import EnergyFn
-from samplers.trajectory import Trajectory
+from samplers.base import (
+    Sampler,
+    StepSize,
+    as_step_size,
+    chain_mean,
+    check_positive,
+    copy_as_tensor,
+    finite_chains,
+    per_chain,
+)
 from samplers.transforms import Transform, check_detailed_balance
 
 
@@ -58,6 +65,9 @@ class MetropolisSampler(Sampler):
     """Shared plumbing of MALA and HMC: refuses the differentiable mode and detailed-balance-breaking
     transforms, and adapts step size (and mass) during warmup, never afterwards."""
 
+    # Accept/reject is a discrete choice: no gradient flows through it.
+    supports_differentiable = False
+
     def __init__(
         self,
         step_size: StepSize,
@@ -75,18 +85,10 @@ class MetropolisSampler(Sampler):
             raise ValueError(f"target_accept must be in (0, 1), got {target_accept}")
         if not max_energy_error > 0:
             raise ValueError(f"max_energy_error must be positive, got {max_energy_error}")
-        self.register_buffer("step_size", step_size.detach().clone() if isinstance(step_size, Tensor) else torch.tensor(float(step_size)))
-        self.register_buffer("inverse_mass", None if inverse_mass is None else inverse_mass.detach().clone())
+        self.register_buffer("step_size", copy_as_tensor(step_size))
+        self.register_buffer("inverse_mass", None if inverse_mass is None else copy_as_tensor(inverse_mass))
         self.adapt_step_size, self.adapt_mass = adapt_step_size, adapt_mass
         self.target_accept, self.max_energy_error = target_accept, max_energy_error
-
-    def run(self, energy_fn: EnergyFn, y0: Tensor, *, differentiable: bool = False, **kwargs: Any) -> Trajectory:
-        if differentiable:
-            raise ValueError(
-                f"{type(self).__name__} has a Metropolis correction, which is not differentiable (accept/reject "
-                "is discrete); use GradientDescent or Langevin for differentiable=True."
-            )
-        return super().run(energy_fn, y0, **kwargs)
 
     def _begin(self, y0: Tensor, warmup: int) -> Tuning:
         step_size = as_step_size(self.step_size, y0)
@@ -97,13 +99,7 @@ class MetropolisSampler(Sampler):
         if warmup == 0 or not (self.adapt_step_size or self.adapt_mass):
             return Tuning(step_size, inverse_mass, None)
         if self.adapt_step_size:
-            padded = step_size.reshape((1,) * (y0.dim() - step_size.dim()) + tuple(step_size.shape))
-            if any(size != 1 for size in padded.shape[1:]):
-                raise ValueError(
-                    f"a per-element step size (shape {tuple(step_size.shape)}) cannot be adapted: pass a float or "
-                    "a [C] tensor, or adapt_step_size=False"
-                )
-            step_size = padded.expand(y0.shape[0], *padded.shape[1:])  # [C, 1, ...]: dual averaging per chain
+            step_size = _per_chain_step_size(step_size, y0)
         adaptation = WarmupAdaptation(
             warmup,
             step_size.clone(),
@@ -128,3 +124,14 @@ class MetropolisSampler(Sampler):
         if tuning.inverse_mass is not None:
             adapted["inverse_mass"] = tuning.inverse_mass.expand_as(y0)
         return adapted
+
+
+def _per_chain_step_size(step_size: Tensor, y0: Tensor) -> Tensor:
+    """A scalar or [C] step size as [C, 1, ...] (dual averaging adapts one per chain); per element: error."""
+    padded = step_size.reshape((1,) * (y0.dim() - step_size.dim()) + tuple(step_size.shape))
+    if any(size != 1 for size in padded.shape[1:]):
+        raise ValueError(
+            f"a per-element step size (shape {tuple(step_size.shape)}) cannot be adapted: pass a float or "
+            "a [C] tensor, or adapt_step_size=False"
+        )
+    return padded.expand(y0.shape[0], *padded.shape[1:])

@@ -36,6 +36,7 @@ def test_two_processes_match_one(tmp_path):
                *(arg for b in BINDINGS for arg in ("--bind", b))]
     completed = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "Warning:" not in completed.stderr, completed.stderr[-3000:]  # e.g. deprecated DDP arguments
     one, two = _history(single), _history(double)
     assert [e["step"] for e in two] == [1, 2, 3]  # only rank 0 writes
     # Same global batch, split 2 + 2 instead of 4: equal up to float32 summation order.

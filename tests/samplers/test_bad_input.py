@@ -28,7 +28,8 @@ def test_wrong_energy_shape(name, wrong):
 
 @pytest.mark.parametrize("name", SAMPLERS)
 def test_step_size_that_does_not_broadcast(name):
-    with pytest.raises(ValueError, match=r"step_size of shape \(5,\) does not broadcast to the state of shape \(4, 3\)"):
+    message = r"step_size of shape \(5,\) does not broadcast to the state of shape \(4, 3\)"
+    with pytest.raises(ValueError, match=message):
         SAMPLERS[name](torch.ones(5)).run(energy_fn, Y0, num_steps=2)
 
 

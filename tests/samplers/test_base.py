@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from samplers import INFO_FIELDS, HMC, GradientDescent, Langevin
+from samplers import INFO_FIELDS, HMC, MALA, GradientDescent, Langevin
 from samplers.base import as_step_size, chain_mean
 
 
@@ -10,13 +10,20 @@ def energy_fn(y: torch.Tensor) -> torch.Tensor:
     return 0.5 * y.square().flatten(1).sum(dim=1)
 
 
-@pytest.mark.parametrize("make", [lambda: GradientDescent(0.1), lambda: Langevin(0.1), lambda: HMC(0.2, 3)])
-def test_trajectory_layout(make, generator):
+def per_position_energy_fn(y: torch.Tensor) -> torch.Tensor:
+    return 0.5 * y.square().sum(dim=-1)  # [C, S, D] -> [C, S]
+
+
+@pytest.mark.parametrize("energy", [energy_fn, per_position_energy_fn])
+@pytest.mark.parametrize("make", [lambda: GradientDescent(0.1), lambda: Langevin(0.1), lambda: MALA(0.1),
+                                  lambda: HMC(0.2, 3)])
+def test_trajectory_layout(make, energy, generator):
     y0 = torch.randn(5, 2, 3, generator=generator)
-    trace = make().run(energy_fn, y0, num_steps=6, warmup=2, generator=generator)
+    trace = make().run(energy, y0, num_steps=6, warmup=2, generator=generator)
     assert trace.states.shape == (6, 5, 2, 3) and trace.energies.shape == (6, 5)
     assert set(INFO_FIELDS) <= set(trace.info) and all(v.shape == (6, 5) for v in trace.info.values())
     assert trace.warmup_info["accepted"].shape == (2, 5)
+    # [C, S] energies are summed per chain
     torch.testing.assert_close(trace.energies, torch.stack([energy_fn(s) for s in trace.states]))
     assert trace.states.dtype == y0.dtype and trace.states.device == y0.device
 
@@ -53,7 +60,8 @@ def test_same_generator_same_langevin_run():
 
 def test_call_is_run():
     sampler, y0 = GradientDescent(0.1), torch.ones(2, 2)
-    torch.testing.assert_close(sampler(energy_fn, y0, num_steps=2).states, sampler.run(energy_fn, y0, num_steps=2).states)
+    called, ran = sampler(energy_fn, y0, num_steps=2), sampler.run(energy_fn, y0, num_steps=2)
+    torch.testing.assert_close(called.states, ran.states)
 
 
 def test_step_size_broadcasting():
@@ -65,3 +73,32 @@ def test_step_size_broadcasting():
     torch.testing.assert_close(chain_mean(torch.tensor([[1.0, 3.0]]).expand(3, 2), torch.zeros(4, 3, 2)),
                                torch.full((4,), 2.0))
     torch.testing.assert_close(chain_mean(torch.arange(4.0).view(4, 1, 1), y), torch.arange(4.0))
+
+
+def test_no_host_sync_after_entry_validation(monkeypatch):
+    """Every Tensor -> Python conversion raises once entry validation is stubbed out; every sampler still
+    completes warmup (with adaptation), sampling, thinning and schedules: the loops never sync."""
+    import samplers.base
+    import samplers.gradient_descent
+    import samplers.langevin
+    import samplers.metropolis
+    from samplers import ClampGradient, CosineAnneal, RandomizedStepSize
+
+    def no_sync(*args, **kwargs):
+        raise RuntimeError("host sync inside the sampler loop")
+
+    for module in (samplers.gradient_descent, samplers.langevin, samplers.metropolis):
+        monkeypatch.setattr(module, "check_positive", lambda *args, **kwargs: None)
+    monkeypatch.setattr(samplers.base, "check_finite_start", lambda *args: None)
+    for name in ("__bool__", "item", "tolist", "__float__", "__int__", "__index__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, no_sync)
+    with pytest.raises(RuntimeError, match="host sync"):
+        bool(torch.ones(()))
+    y0, generator = torch.zeros(6, 4), torch.Generator().manual_seed(0)
+    clamp = [ClampGradient(1.0, relative_to_step_size=True)]
+    for sampler in (GradientDescent(0.1, momentum=0.5, schedule=RandomizedStepSize(2.0), transforms=clamp),
+                    Langevin(0.1, schedule=CosineAnneal(1.0, 0.1)), MALA(0.1, transforms=clamp), HMC(0.1, 3)):
+        trace = sampler.run(energy_fn, y0, num_steps=30, warmup=40, thin=2, generator=generator)
+        assert trace.states.shape == (15, 6, 4)
+    trace = GradientDescent(0.1, learnable=True)(energy_fn, y0, num_steps=3, differentiable=True, truncate=2)
+    assert trace.states.requires_grad

@@ -55,7 +55,7 @@ def test_matches_the_hand_unrolled_loop(options, keep_from, detach):
     torch.testing.assert_close(trace.states, expected_states)
     ours = gradients(loss_of(trace.states), energy, sampler)
     reference = gradients(loss_of(expected_states), energy, sampler)
-    for got, want in zip(ours, reference):
+    for got, want in zip(ours, reference, strict=True):
         torch.testing.assert_close(got, want)
     if options:  # truncation / detaching really changes the gradient
         full = hand_unrolled(energy, sampler.step_size, 5)
@@ -99,7 +99,7 @@ def test_langevin_matches_its_hand_unrolled_loop():
         y = y_in - 0.05 * grad + (2 * 0.05 * 0.5) ** 0.5 * torch.randn(y.shape, generator=generator, dtype=y.dtype)
     torch.testing.assert_close(trace.final_state, y)
     ours = torch.autograd.grad(trace.final_state.sum(), list(energy.parameters()))
-    for got, want in zip(ours, torch.autograd.grad(y.sum(), list(energy.parameters()))):
+    for got, want in zip(ours, torch.autograd.grad(y.sum(), list(energy.parameters())), strict=True):
         torch.testing.assert_close(got, want)
 
 
@@ -144,6 +144,13 @@ def test_truncate_and_detach_need_differentiable():
         GradientDescent(0.1).run(QuarticEnergy(), Y0, num_steps=3, truncate=1)
     with pytest.raises(ValueError, match="differentiable=True"):
         GradientDescent(0.1).run(QuarticEnergy(), Y0, num_steps=3, detach_between_steps=True)
+
+
+def test_differentiable_run_keeps_its_graph_under_an_outer_no_grad():
+    energy, sampler = QuarticEnergy(), GradientDescent(0.1, learnable=True).double()
+    with torch.no_grad():
+        trace = sampler.run(energy, Y0, num_steps=2, differentiable=True)
+    assert trace.final_state.requires_grad
 
 
 def test_non_differentiable_run_builds_no_graph():

@@ -67,8 +67,8 @@ def test_divergent_chain_is_rejected_without_touching_the_others(generator):
     def energy_fn(y):
         return 0.5 * y.square().sum(dim=1) - torch.sqrt(1.0 - y[:, 0])
 
-    y0 = torch.zeros(2, 2, dtype=torch.float64)
-    sampler = HMC(torch.tensor([0.05, 1.5], dtype=torch.float64), 4, adapt_step_size=False, adapt_mass=False)
+    y0 = torch.tensor([[-3.0, 0.0], [0.0, 0.0]], dtype=torch.float64)  # chain 0: tiny steps, far from the wall
+    sampler = HMC(torch.tensor([1e-3, 1.5], dtype=torch.float64), 4, adapt_step_size=False, adapt_mass=False)
     trace = sampler.run(energy_fn, y0, num_steps=100, generator=generator)
     divergent = trace.info["divergent"]
     assert divergent[:, 1].sum() > 5 and not divergent[:, 0].any()

@@ -84,7 +84,7 @@ def test_non_finite_chain_is_flagged_and_others_continue(generator):
     def energy_fn(y):  # finite only for y <= 1; NaN energy and gradient beyond, so the state turns NaN
         return 0.5 * y[:, 0].square() - torch.sqrt(1.0 - y[:, 0])
 
-    y0 = torch.tensor([[0.0], [0.9]])
+    y0 = torch.tensor([[-3.0], [0.9]])  # chain 0: tiny steps, far from the wall
     step_size = torch.tensor([1e-4, 1.0])  # chain 1 takes big noisy steps and leaves quickly
     trace = Langevin(step_size).run(energy_fn, y0, num_steps=50, generator=generator)
     assert not trace.info["divergent"][:, 0].any() and torch.isfinite(trace.states[:, 0]).all()

@@ -66,8 +66,8 @@ def test_divergent_proposal_is_rejected_per_chain(generator):
         return 0.5 * y.square().sum(dim=1) - torch.sqrt(1.0 - y[:, 0])
 
     step_size = torch.tensor([1e-3, 1.0], dtype=torch.float64)
-    trace = MALA(step_size, adapt_step_size=False).run(energy_fn, torch.zeros(2, 2, dtype=torch.float64),
-                                                       num_steps=200, generator=generator)
+    y0 = torch.tensor([[-3.0, 0.0], [0.0, 0.0]], dtype=torch.float64)  # chain 0: tiny steps, far from the wall
+    trace = MALA(step_size, adapt_step_size=False).run(energy_fn, y0, num_steps=200, generator=generator)
     divergent = trace.info["divergent"]
     assert divergent[:, 1].sum() > 5 and not divergent[:, 0].any()
     assert torch.isfinite(trace.states).all() and not trace.info["accepted"][divergent].any()

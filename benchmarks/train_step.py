@@ -1,0 +1,228 @@
+"""Seconds per optimizer step: EBT (System 1: 2 descent steps) vs the Transformer++ of the same size.
+
+CPU (default): the three variants -- Transformer++, EBT with the cached context, EBT through the reference
+whole-sequence forward (no cache) -- are timed in one process with their steps interleaved round by round,
+so a change in machine load hits all three alike; the median over rounds is reported, with the EBT/TPP
+ratios. Peak memory is measured per variant in a fresh subprocess (peak RSS growth over two steps).
+CUDA (``--device cuda``): the real trainer (bf16 autocast) on each task; the step time is the difference of
+two run lengths divided by the step difference (set-up, validation and checkpoints cancel), with tokens/s
+and peak allocated memory.
+
+    python benchmarks/train_step.py                      # CPU, xxs, sequence 256, batch 8, vocabulary 256
+    python benchmarks/train_step.py --device cuda
+Writes benchmarks/results/train_step_<device>.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from architectures import EBT, TransformerConfig, TransformerPP  # noqa: E402
+from energyflow.data import text_data, to_batch  # noqa: E402
+from energyflow.models import TextEBM  # noqa: E402
+from energyflow.objectives import EBTObjective, RandomNoise  # noqa: E402
+from energyflow.optim import build_optimizer, param_groups  # noqa: E402
+from energyflow.tasks import LanguageModelTask, Task  # noqa: E402
+from energyflow.tasks_ebt import EBTLanguageModelTask  # noqa: E402
+from samplers import GradientDescent  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = ("transformer_pp", "ebt_cached", "ebt_uncached")
+
+
+class UncachedTextEBM(nn.Module):
+    """The same ``TextEBM`` scored by the reference formulation: all 2S tokens through the stack at every
+    descent step (what the paper's code does); ``encode`` only hands the tokens on."""
+
+    def __init__(self, model: TextEBM) -> None:
+        super().__init__()
+        self.model = model
+
+    def encode(self, tokens: Tensor) -> Tensor:
+        return tokens
+
+    def energy(self, tokens: Tensor, candidate: Tensor) -> Tensor:
+        return self.model(tokens, candidate)
+
+    def candidate_shape(self, targets: Tensor) -> tuple[int, ...]:
+        return self.model.candidate_shape(targets)
+
+
+def build_task(variant: str, size: str, seq_len: int, vocab: int = 256) -> Task:
+    """System 1 EBT (2 steps, step size 500 learnable x1500, noise start) or the Transformer++."""
+    torch.manual_seed(0)
+    config = TransformerConfig.from_preset(size, max_seq_len=seq_len)
+    if variant == "transformer_pp":
+        return LanguageModelTask(TransformerPP(config, vocab))
+    model = TextEBM(EBT(config), vocab)
+    objective = EBTObjective(GradientDescent(500.0, learnable=True), num_steps=2, initial_state=RandomNoise(1.0))
+    task = EBTLanguageModelTask(model, objective)
+    if variant == "ebt_uncached":
+        task.model = UncachedTextEBM(model)
+    return task
+
+
+def make_step(task: Task, device: torch.device):
+    """The trainer's optimizer step: loss, backward, clip 1.0, AdamW (with the task's parameter groups)."""
+    groups = param_groups(task.named_parameters(), weight_decay=0.01, lr_multipliers=task.lr_multipliers(),
+                          no_weight_decay=task.no_weight_decay())
+    optimizer = build_optimizer(groups, learning_rate=1e-3, betas=(0.9, 0.999))
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def step(batch, index: int) -> None:
+        loss, _ = task.loss(batch, step=index, generator=generator)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(task.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def batches(seq_len: int, batch_size: int, count: int, device: torch.device) -> list[dict[str, Tensor]]:
+    windows = text_data(seq_len=seq_len).train
+    return [to_batch(windows[i * batch_size:(i + 1) * batch_size], device) for i in range(count)]
+
+
+def time_interleaved(args) -> dict[str, list[float]]:
+    """Per variant, the seconds of each measured step, rounds interleaved across variants."""
+    device = torch.device("cpu")
+    steps = {v: make_step(build_task(v, args.size, args.seq_len), device) for v in VARIANTS}
+    data = batches(args.seq_len, args.batch_size, args.warmup + args.rounds, device)
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for index, batch in enumerate(data):
+        for variant, step in steps.items():
+            start = time.perf_counter()
+            step(batch, index)
+            if index >= args.warmup:
+                times[variant].append(time.perf_counter() - start)
+    return times
+
+
+def rss_bytes(field: str = "VmRSS") -> int:
+    """Current (``VmRSS``) or peak (``VmHWM``) resident set size of this process, from /proc (Linux)."""
+    with open("/proc/self/status") as handle:
+        line = next(line for line in handle if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def peak_memory_child(args) -> None:
+    """(subprocess) Print the peak RSS growth of two optimizer steps of one variant, in bytes."""
+    task = build_task(args.memory_of, args.size, args.seq_len)
+    step = make_step(task, torch.device("cpu"))
+    data = batches(args.seq_len, args.batch_size, 2, torch.device("cpu"))
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # reset the peak (VmHWM) to the current RSS: set-up allocations do not count
+    before = rss_bytes()
+    for index, batch in enumerate(data):
+        step(batch, index)
+    print(rss_bytes("VmHWM") - before)
+
+
+def peak_memory(variant: str, args) -> int:
+    command = [sys.executable, __file__, "--memory-of", variant, "--size", args.size, "--seq-len",
+               str(args.seq_len), "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+    return int(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+
+
+def cpu_report(args) -> dict:
+    times = time_interleaved(args)
+    medians = {v: statistics.median(t) for v, t in times.items()}
+    return {
+        "median_step_seconds": medians, "step_seconds": times,
+        "ratio_ebt_cached_to_tpp": medians["ebt_cached"] / medians["transformer_pp"],
+        "ratio_ebt_uncached_to_tpp": medians["ebt_uncached"] / medians["transformer_pp"],
+        "speedup_cached_over_uncached": medians["ebt_uncached"] / medians["ebt_cached"],
+        "peak_memory_growth_bytes": {v: peak_memory(v, args) for v in VARIANTS},
+        "load_average_1min": os.getloadavg()[0],
+    }
+
+
+def cuda_report(args) -> dict:
+    """The trainer itself (bf16 autocast) on CUDA: step time from two run lengths, tokens/s, peak memory."""
+    from energyflow.trainer import Trainer
+
+    data = text_data(seq_len=args.seq_len)
+    report = {}
+    for variant in ("transformer_pp", "ebt_cached"):
+        elapsed, peaks = {}, {}
+        for num_steps in (args.warmup + 2, args.warmup + 2 + args.rounds):
+            task = build_task(variant, args.size, args.seq_len)
+            trainer = Trainer(num_steps=num_steps, batch_size=args.batch_size, learning_rate=1e-3, device="cuda",
+                              checkpoint_every=10**9, eval_batches=1, progress=False)
+            torch.cuda.reset_peak_memory_stats()
+            with tempfile.TemporaryDirectory() as out:
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                trainer.fit(task, data, out)
+                torch.cuda.synchronize()
+                elapsed[num_steps] = time.perf_counter() - start
+            peaks[num_steps] = torch.cuda.max_memory_allocated()
+        short, long = sorted(elapsed)
+        seconds = (elapsed[long] - elapsed[short]) / (long - short)
+        report[variant] = {"step_seconds": seconds, "tokens_per_second": args.batch_size * args.seq_len / seconds,
+                           "peak_memory_bytes": max(peaks.values())}
+    report["ratio_ebt_cached_to_tpp"] = report["ebt_cached"]["step_seconds"] / report["transformer_pp"]["step_seconds"]
+    report["device_name"] = torch.cuda.get_device_name()
+    return report
+
+
+def markdown(result: dict) -> str:
+    settings = result["settings"]
+    head = (f"# Train step: EBT (System 1, 2 descent steps) vs Transformer++\n\n{settings['size']}, sequence "
+            f"{settings['seq_len']}, batch {settings['batch_size']}, vocabulary 256, device {settings['device']}, "
+            f"{settings['threads']} thread(s), torch {settings['torch']}.\n\n")
+    if settings["device"] == "cuda":
+        rows = [f"| {v} | {r['step_seconds']:.4f} | {r['tokens_per_second']:.0f} | {r['peak_memory_bytes'] / 2**20:.0f} |"
+                for v, r in result["report"].items() if isinstance(r, dict)]
+        return head + ("| variant | s/step | tokens/s | peak MiB |\n|---|---|---|---|\n" + "\n".join(rows) +
+                       f"\n\nEBT / Transformer++: {result['report']['ratio_ebt_cached_to_tpp']:.2f}x\n")
+    report = result["report"]
+    rows = [f"| {v} | {report['median_step_seconds'][v]:.3f} | "
+            f"{report['median_step_seconds'][v] / report['median_step_seconds']['transformer_pp']:.2f}x | "
+            f"{report['peak_memory_growth_bytes'][v] / 2**20:.0f} |" for v in VARIANTS]
+    return head + ("| variant | median s/step | vs Transformer++ | peak RSS growth MiB |\n|---|---|---|---|\n" +
+                   "\n".join(rows) + f"\n\nCached context speed-up over the reference (uncached) formulation: "
+                   f"{report['speedup_cached_over_uncached']:.2f}x. Rounds: {settings['rounds']} "
+                   f"(interleaved), 1-min load average at the end: {report['load_average_1min']:.1f}.\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--size", default="xxs")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5, help="measured steps per variant")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps first")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--memory-of", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_of:
+        return peak_memory_child(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available; run on a GPU machine or use --device cpu")
+    report = cuda_report(args) if args.device == "cuda" else cpu_report(args)
+    settings = {**{k: v for k, v in vars(args).items() if k != "memory_of"}, "torch": torch.__version__}
+    result = {"settings": settings, "report": report}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"train_step_{args.device}.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"train_step_{args.device}.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
