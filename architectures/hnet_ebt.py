@@ -51,9 +51,10 @@ class HNetContextEBT(nn.Module):
 
     def encode_context(self, real: Tensor) -> HNetContextCache:
         """``real [B, S, D]`` embeddings -> per-layer keys/values ``[B, H, S, Dh]`` and the routing stats."""
-        self.ebt._check_input("real", real, None)
-        self.ebt._check_length(real.shape[1])
-        h, routing = self.hnet(real)  # [B, S, D]
+        if real.dim() == 3 and real.shape[1] > self.ebt.config.max_seq_len:
+            raise ValueError(f"context length {real.shape[1]} exceeds the EBT's max_seq_len="
+                             f"{self.ebt.config.max_seq_len}; raise it in the TransformerConfig")
+        h, routing = self.hnet(real)  # [B, S, D]; the H-Net validates the shape
         positions = torch.arange(real.shape[1], device=real.device)
         keys, values = [], []
         for block in self.ebt.blocks:

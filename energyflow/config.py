@@ -56,6 +56,26 @@ def _inside(directory: Path) -> Iterator[None]:
         os.chdir(previous)
 
 
+_INCLUDE = re.compile(r"""^\s*include\s+['"]([^'"]+)['"]""")
+
+
+def check_includes(path: Path, root: Path, seen: Optional[set] = None) -> None:
+    """Fail clearly (file, line, root) on an ``include`` of a missing file, before gin trips over it."""
+    seen = set() if seen is None else seen
+    if path in seen:
+        return
+    seen.add(path)
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        match = _INCLUDE.match(line)
+        if not match:
+            continue
+        target = Path(match.group(1)) if Path(match.group(1)).is_absolute() else root / match.group(1)
+        if not target.is_file():
+            raise RecipeError(f'{path}, line {number}: include {match.group(1)!r} not found under the recipes '
+                              f"root {root} (includes resolve from the root, not from the including file)")
+        check_includes(target, root, seen)
+
+
 def parse_recipe(name: Union[str, Path], bindings: Sequence[str] = (), *, root: Optional[Path] = None) -> Path:
     """Register every configurable, then parse the recipe and the ``--bind`` overrides into gin's config.
 
@@ -65,6 +85,7 @@ def parse_recipe(name: Union[str, Path], bindings: Sequence[str] = (), *, root: 
 
     root = root or recipes_root()
     path = resolve_recipe(name, root)
+    check_includes(path, root)
     with _inside(root):
         try:
             gin.parse_config_files_and_bindings([str(path)], list(bindings), finalize_config=False)

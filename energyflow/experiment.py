@@ -114,5 +114,5 @@ def load_run(run_dir: Union[str, Path], device: str = "auto") -> tuple[RunResult
     ckpt.check_fingerprint(payload, task, latest)
     task.load_state_dict(payload["task"])
     task.to(resolved)
-    batches = data.validation_batches(trainer.eval_batch_size or trainer.micro_batch(1), trainer.eval_batches)
-    return RunResult(out_dir=run_dir, task=task, validation_windows=batches, device=resolved), trainer, payload["step"]
+    result = RunResult(out_dir=run_dir, task=task, validation_windows=trainer.validation_batches(data), device=resolved)
+    return result, trainer, payload["step"]

@@ -18,6 +18,10 @@ def mean_metrics(parts: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
         if list(part) != keys:
             raise ValueError(f"metric names differ between batches: {keys} vs {list(part)}; a task must "
                              "return the same metrics for every batch of a step")
+    for key, value in parts[0].items():
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            raise ValueError(f"metric {key!r} must be a scalar tensor (a mean over the batch), got "
+                             f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
     return {key: torch.stack([part[key].detach().float().reshape(()) for part in parts]).mean() for key in keys}
 
 

@@ -18,6 +18,14 @@ def format_metrics(metrics: Mapping[str, float], limit: int = 4) -> str:
     return "  ".join(f"{name} {value:.4g}" for name, value in list(metrics.items())[:limit])
 
 
+def _step_of(line: str) -> float:
+    """The step of a ``history.jsonl`` line; infinity for a line a crash cut short (so it is dropped)."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError):
+        return float("inf")
+
+
 class Monitor:
     """TensorBoard writer plus live progress for one run (``active=False`` on non-main ranks)."""
 
@@ -35,7 +43,7 @@ class Monitor:
         self._writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=start_step + 1)
         self._history = out_dir / "history.jsonl"
         if self._history.is_file():
-            kept = [line for line in self._history.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+            kept = [line for line in self._history.read_text().splitlines() if _step_of(line) <= start_step]
             self._history.write_text("".join(line + "\n" for line in kept))
         if progress:
             self._progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),

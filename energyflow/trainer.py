@@ -91,6 +91,13 @@ class Trainer:
                              f"{world_size} * {self.accumulation_steps}; pick a multiple of {per_step}")
         return self.batch_size // per_step
 
+    def validation_batches(self, data: TextData) -> list[Tensor]:
+        """The validation windows every evaluation of this run uses: ``eval_batches`` batches of
+        ``eval_batch_size`` (default ``batch_size // accumulation_steps``, independent of the number of
+        processes, so a validation number means the same thing under any ``torchrun`` layout)."""
+        return data.validation_batches(self.eval_batch_size or self.batch_size // self.accumulation_steps,
+                                       self.eval_batches)
+
     def learning_rate_at(self, step: int) -> float:
         return self.learning_rate * warmup_cosine(step, warmup_steps=self.warmup_steps, total_steps=self.num_steps,
                                                   min_lr_ratio=self.min_lr_ratio)
@@ -139,8 +146,8 @@ class _Run:
         self.checkpoints = out_dir / "checkpoints"
         self.start_step = self._resume()
         self.model = task if not self.context.is_distributed else _wrap_ddp(task, self.context.device)
-        batches = data.validation_batches(trainer.eval_batch_size or self.stream.micro_batch, trainer.eval_batches)
-        self.result = RunResult(out_dir=out_dir, task=task, validation_windows=batches, device=self.context.device)
+        self.result = RunResult(out_dir=out_dir, task=task, validation_windows=trainer.validation_batches(data),
+                                device=self.context.device)
         self.final: dict[str, dict[str, float]] = {}
         if self.context.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)

@@ -4,10 +4,10 @@ The energy is pyro's potential. Pyro's NUTS is correct and adaptive (dual averag
 windowed diagonal mass matrix, multinomial trajectory sampling) but it drives one chain at a time from
 Python: every leapfrog step is a separate, unbatched energy call plus Python tree bookkeeping with host
 syncs. This adapter therefore runs the C chains one after another, each with its own kernel, RNG seed
-and adaptation (pyro's own multi-chain ``MCMC`` would use one process per chain instead, which pays
-process start-up and pickling and on a shared CPU buys nothing). Expect it to be orders of magnitude
-slower per effective sample than the batched ``HMC`` (see ``benchmarks/samplers.py``): use it as a
-correct, tuning-free reference, and ``HMC`` for throughput.
+and adaptation (pyro's own multi-chain ``MCMC`` would use one process per chain instead: process start-up
+and pickling per run, and a speed-up only where a free core per chain exists). Expect it to be two to three
+orders of magnitude slower per effective sample than the batched ``HMC`` (``benchmarks/samplers.py``
+measures it): use it as a correct, tuning-free reference, and ``HMC`` for throughput.
 
 Per-step info, recorded from inside pyro's tree building (its ``sample`` keeps them local):
 - ``acceptance_prob``: mean Metropolis acceptance probability over the tree's leaves (the statistic

@@ -5,7 +5,14 @@ The core (``optimize``, ``verification``) is model-agnostic: any ``energy_fn(y [
 """
 from energyflow.inference.generation import Decoding, Generation, generate_baseline, generate_ebt, next_token
 from energyflow.inference.optimize import ThinkingConfig, ThinkingResult, think
-from energyflow.inference.text import encode, extend_context, think_on_cache, think_tokens, thinking_config, token_losses
+from energyflow.inference.text import (
+    encode,
+    extend_context,
+    think_on_cache,
+    think_tokens,
+    thinking_config,
+    token_losses,
+)
 from energyflow.inference.verification import (
     Verified,
     best_of_n_trace,

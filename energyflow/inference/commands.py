@@ -9,8 +9,10 @@ import argparse
 import json
 import os
 import time
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from rich.console import Console
@@ -18,9 +20,9 @@ from rich.table import Table
 from rich.text import Text
 from torch import Tensor
 
-from energyflow.data import pack, text_files, to_batch
+from energyflow.data import pack, text_files
 from energyflow.experiment import load_run
-from energyflow.inference.generation import Decoding, generate_baseline, generate_ebt
+from energyflow.inference.generation import Decoding, Generation, generate_baseline, generate_ebt
 from energyflow.inference.sweep import SweepResult, baseline_loss, check_counts, thinking_sweep
 from energyflow.inference.text import thinking_config
 from energyflow.models import TextEBM
@@ -33,7 +35,7 @@ def _counts(text: str) -> list[int]:
     try:
         return check_counts([int(part) for part in text.split(",") if part.strip()], "the list")
     except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 1,2,4: {error}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 1,2,4: {error}") from error
 
 
 def _add_thinking_options(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +56,11 @@ def _config(task, args: argparse.Namespace, num_steps: int):
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Register ``generate`` and ``think`` on the ``energyflow`` command's sub-parsers."""
+    _add_generate(commands)
+    _add_think(commands)
+
+
+def _add_generate(commands: argparse._SubParsersAction) -> None:
     generate = commands.add_parser("generate", help="continue a prompt with a trained run", description=(
         "Continue a prompt with a run's newest checkpoint: an EBT thinks (against its cached context) for every "
         "new token, a Transformer++ decodes with its KV cache. Greedy by default."))
@@ -66,8 +73,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("--steps", type=int, help="EBT thinking steps per token (default: the run's eval steps)")
     generate.add_argument("--samples", type=int, default=1, help="EBT candidates per token, best by energy")
     generate.add_argument("--html", help="EBT: write the continuation coloured by energy to this HTML file")
+    generate.add_argument("--candidates", type=int, default=1, help="Transformer++: continuations to sample (rank "
+                          "them with --rerank-with)")
+    generate.add_argument("--rerank-with", metavar="EBT_RUN_DIR", help="Transformer++: rank the sampled "
+                          "continuations by this EBT's energy")
     _add_thinking_options(generate)
     generate.set_defaults(handler=_reporting_errors(run_generate))
+
+
+def _add_think(commands: argparse._SubParsersAction) -> None:
     think = commands.add_parser("think", help="measure thinking: loss vs steps and samples", description=(
         "Loss of an EBT run after 1, 2, 4, ... thinking steps and with 1, 4, ... self-verification samples, "
         "against a Transformer++ run on the same text; prints a table and writes PNG plots and think.json."))
@@ -114,34 +128,66 @@ def run_generate(args: argparse.Namespace, console: Console) -> int:
     task, device = result.task.eval(), result.device
     prompt = _encode_prompt(args.prompt, device)
     _check_room(task.model, prompt, args.max_new)
+    is_ebt = isinstance(task.model, TextEBM)
+    if args.candidates > 1 and (is_ebt or not args.rerank_with or args.strategy != "sample"):
+        raise ValueError("--candidates > 1 samples several continuations from a Transformer++ run to rank with an "
+                         "EBT: give --strategy sample and --rerank-with EBT_RUN_DIR (an EBT self-verifies with "
+                         "--samples instead)")
     decoding = Decoding(args.strategy, args.temperature, args.top_p)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     start = time.perf_counter()
-    if isinstance(task.model, TextEBM):
+    if is_ebt:
         num_steps = args.steps or resolve_num_steps(task.objective.num_steps, 0, training=False)
         out = generate_ebt(task.model, prompt, args.max_new, _config(task, args, num_steps), decoding,
                            num_candidates=args.samples, generator=generator,
                            initial_state=task.objective.initial_state)
     else:
-        out = generate_baseline(task.model, prompt, args.max_new, decoding, generator=generator)
+        rows = prompt.expand(args.candidates, -1)
+        out = generate_baseline(task.model, rows, args.max_new, decoding, generator=generator)
     seconds = time.perf_counter() - start
-    console.print(Text(args.prompt, style="bold"), end="")
-    if out.energies is None:
-        console.print(bytes(out.tokens[0].tolist()).decode("utf-8", errors="replace"))
+    if args.rerank_with:
+        _rerank(args, console, prompt[0], out.tokens)
     else:
-        _print_with_energies(console, out.tokens[0], out.energies[0], args.html)
-    console.print(f"[dim]{args.max_new} tokens in {seconds:.2f} s ({args.max_new / seconds:.1f} tokens/s), "
-                  f"checkpoint step {step}[/]")
+        _print_generation(args, console, out)
+    count = out.tokens.numel()
+    console.print(f"[dim]{count} tokens in {seconds:.2f} s ({count / seconds:.1f} tokens/s), checkpoint step {step}[/]")
     return 0
 
 
-def _print_with_energies(console: Console, tokens: Tensor, energies: Tensor, html_path: Optional[str]) -> None:
+def _decode(tokens: Tensor) -> str:
+    return bytes(tokens.tolist()).decode("utf-8", errors="replace")
+
+
+def _rerank(args: argparse.Namespace, console: Console, prompt: Tensor, continuations: Tensor) -> None:
+    """Rank a Transformer++'s sampled continuations ``[K, N]`` by an EBT's mean energy and print them."""
+    from energyflow.verifier import score_continuations
+
+    verifier, _, _ = load_run(args.rerank_with, device=args.device)
+    model = verifier.task.eval().model
+    if not isinstance(model, TextEBM):
+        raise ValueError(f"--rerank-with {args.rerank_with} is not an EBT run; the verifier must be an EBT")
+    _check_room(model, prompt[None], continuations.shape[1])
+    scores = score_continuations(model, prompt.to(verifier.device), list(continuations.to(verifier.device)))
+    table = Table(title=f"{len(continuations)} continuations of {args.prompt!r}, ranked by EBT energy (lower first)")
+    for column in ("rank", "mean energy", "continuation"):
+        table.add_column(column, justify="left" if column == "continuation" else "right")
+    for rank, index in enumerate(scores.order.tolist(), start=1):
+        table.add_row(str(rank), f"{float(scores.mean_energy[index]):.4f}", repr(_decode(continuations[index])))
+    console.print(table)
+
+
+def _print_generation(args: argparse.Namespace, console: Console, out: Generation) -> None:
+    """The prompt, then the continuation: coloured by energy (and exported with ``--html``) for the EBT."""
     from energyflow.verifier import byte_pieces, to_rich, write_html
 
-    pieces = byte_pieces(tokens.tolist(), energies.tolist())
+    console.print(Text(args.prompt, style="bold"), end="")
+    if out.energies is None:
+        console.print(_decode(out.tokens[0]))
+        return
+    pieces = byte_pieces(out.tokens[0].tolist(), out.energies[0].tolist())
     console.print(to_rich(pieces))
-    if html_path:
-        console.print(f"[dim]wrote {write_html(html_path, pieces, title='EBT continuation, coloured by energy')}[/]")
+    if args.html:
+        console.print(f"[dim]wrote {write_html(args.html, pieces, title='EBT continuation, coloured by energy')}[/]")
 
 
 def _windows(args: argparse.Namespace, validation: list[Tensor]) -> list[Tensor]:
@@ -166,13 +212,22 @@ def run_think(args: argparse.Namespace, console: Console) -> int:
         raise ValueError(f"{args.run_dir} is not an EBT run (its model is {type(task.model).__name__}); "
                          "`think` needs an EBT, pass the Transformer++ run as --baseline")
     windows = _windows(args, result.validation_windows)
-    sweep = thinking_sweep(task.model, windows, _config(task, args, max(args.steps)), steps=args.steps,
-                           samples=args.samples, device=result.device, seed=args.seed,
-                           initial_state=task.objective.initial_state)
+    config = _config(task, args, max(args.steps))
+    run = partial(thinking_sweep, task.model, windows, steps=args.steps, device=result.device, seed=args.seed,
+                  initial_state=task.objective.initial_state)
+    sweep = run(config, samples=args.samples)
+    if config.adaptive:  # the same run without tolerances: the fixed step budget it is compared against
+        fixed = run(replace(config, energy_tolerance=None, grad_tolerance=None), samples=args.samples[:1])
+        sweep.fixed_budget_loss = fixed.loss_at(args.samples[0], args.steps[-1])
     if args.baseline:
         baseline, _, _ = load_run(args.baseline, device=args.device)
         sweep.baseline_loss = baseline_loss(baseline.task.eval().model, windows, baseline.device)
     console.print(sweep_table(sweep))
+    if sweep.fixed_budget_loss is not None:
+        n, k = args.samples[0], args.steps[-1]
+        console.print(f"adaptive compute ({n} sample{'s' if n > 1 else ''}): {sweep.mean_steps[n]:.2f} steps per "
+                      f"position on average, loss {sweep.loss_at(n, k):.4f}; fixed budget of {k} steps: loss "
+                      f"{sweep.fixed_budget_loss:.4f}")
     out = Path(args.out) if args.out else Path(args.run_dir) / "think"
     for path in write_sweep(sweep, out):
         console.print(f"[dim]wrote {path}[/]")

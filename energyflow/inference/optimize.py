@@ -15,7 +15,7 @@ reads a tensor on the host; the optional early exit (``check_every``) is the one
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -112,6 +112,16 @@ def _check_positions(per_position: Tensor, y: Tensor) -> None:
                          "energies [C, S] must index the state's first two axes (position s of y[:, s])")
 
 
+class _Position(NamedTuple):
+    """The loop's per-position state."""
+
+    y: Tensor  # [C, *P, *rest]
+    energies: Tensor  # [C, *P] at y
+    grad: Tensor  # [C, *P, *rest] at y
+    active: Tensor  # [C, *P] bool: not frozen yet
+    steps_used: Tensor  # [C, *P] int64
+
+
 def think(energy_fn: EnergyFn, y0: Tensor, config: ThinkingConfig, *, generator: Optional[torch.Generator] = None,
           record: Optional[Record] = None) -> ThinkingResult:
     """Descend ``energy_fn`` from ``y0 [C, *event]`` for ``config.num_steps`` steps (see the module docstring).
@@ -121,34 +131,37 @@ def think(energy_fn: EnergyFn, y0: Tensor, config: ThinkingConfig, *, generator:
     check_state(y0)
     step_size = as_step_size(config.step_size, y0)
     check_positive(step_size, "ThinkingConfig.step_size")
-    y = y0.detach()
-    current = energy_and_grad(energy_fn, y, validate=True)
-    _check_positions(current.per_position, y)
-    check_finite_start(current.energy, current.grad)
-    energies, grad = current.per_position, current.grad
-    active = torch.ones_like(energies, dtype=torch.bool)
-    steps_used = torch.zeros_like(energies, dtype=torch.long)
-    trace, records = [energies], [_record(record, y)]
-    steps_run = 0
-    for index in range(config.num_steps):
-        proposal = _propose(y, grad, step_size, config, generator)
-        new = energy_and_grad(energy_fn, proposal)
-        move = active & torch.isfinite(new.per_position)
-        if config.accept_if_lower:
-            move = move & (new.per_position <= energies)
-        previous = energies
-        y = torch.where(_expand(move, y), proposal, y)
-        energies = torch.where(move, new.per_position, energies)
-        grad = torch.where(_expand(move, grad), new.grad, grad)
-        steps_used = steps_used + active.long()
-        active = active & ~_converged(previous, energies, grad, config)
-        trace.append(energies)
-        records.append(_record(record, y))
-        steps_run = index + 1
-        if config.check_every is not None and steps_run % config.check_every == 0 and not bool(active.any()):
+    start = energy_and_grad(energy_fn, y0.detach(), validate=True)
+    _check_positions(start.per_position, y0)
+    check_finite_start(start.energy, start.grad)
+    energies = start.per_position
+    state = _Position(y0.detach(), energies, start.grad, torch.ones_like(energies, dtype=torch.bool),
+                      torch.zeros_like(energies, dtype=torch.long))
+    trace, records, steps_run = [energies], [_record(record, state.y)], 0
+    for steps_run in range(1, config.num_steps + 1):
+        state = _step(state, energy_fn, step_size, config, generator)
+        trace.append(state.energies)
+        records.append(_record(record, state.y))
+        if config.check_every is not None and steps_run % config.check_every == 0 and not bool(state.active.any()):
             break  # the documented, bounded host sync: one per check_every steps
     stacked = None if record is None else torch.stack(records)
-    return ThinkingResult(y, energies, torch.stack(trace), stacked, steps_used, steps_run)
+    return ThinkingResult(state.y, state.energies, torch.stack(trace), stacked, state.steps_used, steps_run)
+
+
+def _step(state: _Position, energy_fn: EnergyFn, step_size: Tensor, config: ThinkingConfig,
+          generator: Optional[torch.Generator]) -> _Position:
+    """Propose for every position, keep the proposal where the position is active (and, with
+    ``accept_if_lower``, where its energy fell), then freeze the positions that converged."""
+    proposal = _propose(state.y, state.grad, step_size, config, generator)
+    new = energy_and_grad(energy_fn, proposal)
+    move = state.active & torch.isfinite(new.per_position)
+    if config.accept_if_lower:
+        move = move & (new.per_position <= state.energies)
+    y = torch.where(_expand(move, state.y), proposal, state.y)
+    energies = torch.where(move, new.per_position, state.energies)
+    grad = torch.where(_expand(move, state.grad), new.grad, state.grad)
+    active = state.active & ~_converged(state.energies, energies, grad, config)
+    return _Position(y, energies, grad, active, state.steps_used + state.active.long())
 
 
 def _propose(y: Tensor, grad: Tensor, step_size: Tensor, config: ThinkingConfig,

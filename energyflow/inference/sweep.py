@@ -25,7 +25,8 @@ from energyflow.inference.verification import best_of_n_trace
 class SweepResult:
     """``loss[n]``, ``energy[n]``: ``[K+1]`` means over tokens after 0..K steps with ``n`` candidates
     (entry 0 is the random initial state); ``mean_steps[n]``: average steps a position took (< K only with
-    adaptive stopping); ``baseline_loss``: the Transformer++ on the same tokens, if given."""
+    adaptive stopping); ``baseline_loss``: the Transformer++ on the same tokens, if given;
+    ``fixed_budget_loss``: for an adaptive run, the loss of the same run without tolerances (all ``K`` steps)."""
 
     steps: list[int]
     samples: list[int]
@@ -33,6 +34,7 @@ class SweepResult:
     energy: dict[int, list[float]] = field(default_factory=dict)
     mean_steps: dict[int, float] = field(default_factory=dict)
     baseline_loss: Optional[float] = None
+    fixed_budget_loss: Optional[float] = None
 
     def loss_at(self, num_samples: int, num_steps: int) -> float:
         return self.loss[num_samples][num_steps]

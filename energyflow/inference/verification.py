@@ -7,15 +7,13 @@ candidates, so a context is encoded once and only its rows are repeated.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from energyflow.inference.optimize import Record, ThinkingConfig, ThinkingResult, think
 from samplers.energy import EnergyFn
-
-InitialState = Callable[[int], Tensor]
 
 
 def lowest_energy_index(energies: Tensor, num_candidates: int) -> Tensor:

@@ -9,6 +9,7 @@ detach, truncation, initial state, replay, label smoothing, contrastive term) li
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -149,7 +150,9 @@ class EBTObjective(nn.Module):
         replayed = 0
         if training and self.replay_buffer is not None:
             inputs, targets, state, replayed = self.replay_buffer.mix(inputs, targets, state, generator)
-        energy_fn = _RecordingEnergy(model, model.encode(inputs))  # context encoded once, in the graph
+        with contextlib.nullcontext() if training else torch.no_grad():  # validation needs no weight gradients
+            context = model.encode(inputs)  # once per batch; in training inside the graph, so its weights learn
+        energy_fn = _RecordingEnergy(model, context)
         sampler = self.sampler if (training or self.eval_sampler is None) else self.eval_sampler
         trajectory = sampler.run(
             energy_fn, state, num_steps=count, generator=generator, differentiable=training,

@@ -91,16 +91,20 @@ def _check_causality(model: HNetLM, grad: bool, exact: bool) -> None:
 
 
 @pytest.mark.parametrize("stages", [1, 2])
-@pytest.mark.parametrize("ema", ["vectorized", "scan"])
-def test_incremental_decoding_equals_the_full_forward_pass(stages, ema):
+@pytest.mark.parametrize("ema,grad", [("vectorized", True), ("scan", True), ("vectorized", False)])
+def test_incremental_decoding_equals_the_full_forward_pass(stages, ema, grad):
     model = tiny_lm(stages, dtype=torch.float64, ema=ema)
     tokens = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(4))
-    full = model(tokens)
-    state, steps = model.init_state(3), []
-    for t in range(tokens.shape[1]):
-        logits, state = model.step(tokens[:, t : t + 1], state)
-        steps.append(logits)
+    with torch.set_grad_enabled(grad):  # no grad: the fused attention kernel with the masked cache
+        full, routing = model.forward_with_routing(tokens)
+        state, steps = model.init_state(3), []
+        for t in range(tokens.shape[1]):
+            logits, state = model.step(tokens[:, t : t + 1], state)
+            steps.append(logits)
+    assert all(0.2 < float(stats.boundary_fraction) < 0.8 for stats in routing)  # rows diverge: a real test
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="one position per row"):
+        model.step(tokens[:, :2], model.init_state(3))
 
 
 @pytest.mark.parametrize("stages", [1, 2])
@@ -170,3 +174,20 @@ def test_bad_configurations_and_inputs_are_rejected():
         model(torch.zeros(1, 5, 8))
     with pytest.raises(ValueError, match="integer tensor"):
         HNetLM(tiny_config(1))(torch.zeros(1, 5))
+
+
+def test_config_fields_reach_every_stack():
+    config = tiny_config(2, ffn_multiplier=2.0, rope_theta=500.0, norm_eps=1e-3, init="normal")
+    model = HNet(config)
+    stacks = [m for m in model.modules() if m.__class__.__name__ == "CausalStack"]
+    assert len(stacks) == 5  # 2 encoders, 2 decoders, 1 main network
+    for stack in stacks:
+        block = stack.blocks[0]
+        dim = block.ffn.gate.in_features
+        assert block.ffn.gate.out_features == 2 * dim
+        assert stack.norm.eps == 1e-3 and block.attn_norm.eps == 1e-3
+        head_dim = block.attn.rope.inv_freq.shape[0] * 2
+        expected = torch.tensor(500.0 ** (-2 / head_dim), dtype=torch.float64)
+        torch.testing.assert_close(block.attn.rope.inv_freq[1], expected)
+    weights = torch.cat([s.blocks[0].attn.qkv.weight.detach().flatten() for s in stacks])
+    assert abs(float(weights.std()) - 0.02) < 0.002  # "normal": N(0, 0.02), not xavier

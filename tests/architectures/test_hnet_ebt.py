@@ -37,7 +37,8 @@ def _model(stages: int = 1, seed: int = 0, step_conditioning=None) -> HNetContex
         for router in (m for m in hnet.modules() if isinstance(m, Router)):
             router.query.weight.normal_()
             router.key.weight.normal_()
-    ebt = EBT(TransformerConfig(dim=DIM, num_layers=2, num_heads=2, max_seq_len=16), step_conditioning=step_conditioning)
+    ebt = EBT(TransformerConfig(dim=DIM, num_layers=2, num_heads=2, max_seq_len=16),
+              step_conditioning=step_conditioning)
     return HNetContextEBT(hnet, ebt).double()
 
 
@@ -59,6 +60,18 @@ def test_context_cache_has_the_ebt_layout_and_the_routing():
     # Several candidates per input reuse one context: expand keeps the EBT's semantics.
     expanded = model.energies(cache.expand(3), predicted.repeat_interleave(3, dim=0))
     torch.testing.assert_close(expanded, energies.repeat_interleave(3, dim=0))
+
+
+def test_adaln_step_conditioning_reuses_one_context():
+    model = _model(1, step_conditioning="adaln")
+    with torch.no_grad():  # move the zero-initialised modulation off zero so that the step matters
+        for linear in model.ebt.step_modulation:
+            linear.weight.normal_(std=0.2)
+    real, predicted, _ = _streams()
+    cache = model.encode_context(real)
+    first, second = model.energies(cache, predicted, 0), model.energies(cache, predicted, 1)
+    assert not torch.allclose(first, second)
+    torch.testing.assert_close(model(real, predicted, 1), second)
 
 
 def test_no_leakage_from_later_context_or_other_predictions():

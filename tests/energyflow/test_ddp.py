@@ -22,6 +22,14 @@ def _history(out):
     return [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
 
 
+def _validation(out):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    return [event.value for event in events.Scalars("validation/loss")]
+
+
 def test_two_processes_match_one(tmp_path):
     single = tmp_path / "single"
     from energyflow.cli import main
@@ -42,6 +50,9 @@ def test_two_processes_match_one(tmp_path):
     # Same global batch, split 2 + 2 instead of 4: equal up to float32 summation order.
     for key in ("loss", "grad_norm"):
         assert [e[key] for e in two] == pytest.approx([e[key] for e in one], rel=1e-5), key
+    # validation batches are shared out over the ranks and all-reduced: the same number as one process
+    assert len(_validation(single)) == 1  # the end-of-run evaluation
+    assert _validation(double) == pytest.approx(_validation(single), rel=1e-5)
     weights_one = load_checkpoint(single / "checkpoints" / "step_00000003.pt")["task"]
     weights_two = load_checkpoint(double / "checkpoints" / "step_00000003.pt")["task"]
     for name, value in weights_one.items():

@@ -24,6 +24,13 @@ def test_perplexity_is_exp_of_the_mean_loss_not_a_mean_of_perplexities():
     assert derived["perplexity_step_2"] == pytest.approx(math.e) and "energy_gap_perplexity" not in derived
 
 
+def test_metrics_must_be_scalars_with_the_same_names():
+    with pytest.raises(ValueError, match="'energies' must be a scalar tensor"):
+        mean_metrics([{"energies": torch.zeros(3)}])
+    with pytest.raises(ValueError, match="metric names differ"):
+        mean_metrics([{"loss": torch.tensor(1.0)}, {"lost": torch.tensor(1.0)}])
+
+
 def test_evaluate_task_averages_batches_then_exponentiates(make_task, tiny_data):
     task = make_task()
     batches = tiny_data.validation_batches(4, max_batches=3)

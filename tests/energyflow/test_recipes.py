@@ -49,6 +49,15 @@ def test_unknown_configurable_names_file_and_line(tmp_path, monkeypatch):
         parse_recipe("experiments/e")
 
 
+def test_unknown_reference_and_missing_include_name_file_and_line(tmp_path, monkeypatch):
+    _root(tmp_path, monkeypatch, {"experiments/a.gin": "# x\ntrain.task = @LanguageModelTsk\n",
+                                  "experiments/b.gin": "# x\n\ninclude 'models/nope.gin'\n"})
+    with pytest.raises(RecipeError, match=r"(?s)No configurable matching reference '@LanguageModelTsk'.*line 2"):
+        parse_recipe("experiments/a.gin")
+    with pytest.raises(RecipeError, match=r"b.gin, line 3: include 'models/nope.gin' not found"):
+        parse_recipe("experiments/b.gin")
+
+
 def test_includes_resolve_from_the_recipes_root_not_the_cwd(tmp_path, monkeypatch):
     _root(tmp_path, monkeypatch, {"models/m.gin": "# root copy\nTrainer.seed = 1\n",
                                   "experiments/e.gin": "# x\ninclude 'models/m.gin'\n"})

@@ -43,9 +43,22 @@ def test_generate_with_the_ebt_and_the_baseline(runs, tmp_path):
     assert status == 0 and text.startswith("The") and "4 tokens in" in text
 
 
-def test_generate_refuses_a_prompt_that_does_not_fit(runs):
+def test_generate_ranks_baseline_samples_by_ebt_energy(runs):
+    status, text = _run(["generate", str(runs["tpp"]), "--prompt", "The", "--max-new", "4", "--strategy", "sample",
+                         "--candidates", "3", "--rerank-with", str(runs["ebt"])])
+    assert status == 0 and "ranked by" in text and "12 tokens in" in text
+    energies = [float(line.split("│")[2]) for line in text.splitlines() if line.startswith("│")]
+    assert len(energies) == 3 and energies == sorted(energies)
+
+
+def test_generate_refuses_bad_requests(runs):
     status, text = _run(["generate", str(runs["ebt"]), "--prompt", "x" * 10, "--max-new", "10"])
     assert status == 1 and "max_seq_len=16" in text and "--max-new" in text
+    status, text = _run(["generate", str(runs["tpp"]), "--prompt", "x", "--max-new", "2", "--candidates", "2"])
+    assert status == 1 and "--rerank-with" in text
+    status, text = _run(["generate", str(runs["tpp"]), "--prompt", "x", "--max-new", "2", "--strategy", "sample",
+                         "--candidates", "2", "--rerank-with", str(runs["tpp"])])
+    assert status == 1 and "not an EBT run" in text
 
 
 def test_think_prints_a_table_and_writes_plots(runs, tmp_path):
@@ -66,3 +79,30 @@ def test_think_refuses_a_baseline_run_and_bad_lists(runs):
     assert status == 1 and "not an EBT run" in text
     with pytest.raises(SystemExit):
         _run(["think", str(runs["ebt"]), "--steps", "0,2"])
+
+
+def test_thinking_options_reach_the_config(runs):
+    from energyflow.cli import build_parser
+    from energyflow.experiment import load_run
+    from energyflow.inference.commands import _config
+
+    args = build_parser().parse_args(["think", str(runs["ebt"]), "--step-size", "3", "--noise", "0.5",
+                                      "--energy-tolerance", "0.1", "--grad-tolerance", "0.2", "--accept-if-lower"])
+    task = load_run(runs["ebt"], device="cpu")[0].task
+    config = _config(task, args, 4)
+    assert (config.num_steps, config.step_size, config.noise_scale) == (4, 3.0, 0.5)
+    assert (config.energy_tolerance, config.grad_tolerance, config.accept_if_lower) == (0.1, 0.2, True)
+    learned = _config(task, build_parser().parse_args(["think", str(runs["ebt"])]), 2)
+    assert float(learned.step_size) == float(task.objective.sampler.step_size.detach())
+
+
+def test_adaptive_think_reports_the_steps_used_and_seeds_repeat(runs, tmp_path):
+    status, text = _run(["think", str(runs["ebt"]), "--steps", "1,4", "--samples", "1", "--batches", "1",
+                         "--batch-size", "1", "--energy-tolerance", "1e9", "--out", str(tmp_path)])
+    # A tolerance no change can beat freezes every position after one step: 1.00 steps used, not 4.
+    saved = json.loads((tmp_path / "think.json").read_text())
+    assert status == 0 and saved["mean_steps"]["1"] == 1.0 and saved["fixed_budget_loss"] > 0
+    assert "1.00 steps per position on average" in text and "fixed budget of 4 steps" in text
+    outputs = [_run(["generate", str(runs["tpp"]), "--prompt", "a", "--max-new", "6", "--strategy", "sample",
+                     "--seed", str(seed), "--device", "cpu"])[1].splitlines()[0] for seed in (1, 1, 2)]
+    assert outputs[0] == outputs[1] != outputs[2]

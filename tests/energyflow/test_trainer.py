@@ -40,6 +40,8 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path, make_task
     with pytest.raises(KeyboardInterrupt):
         make_trainer().fit(interrupted, tiny_data, tmp_path / "cut")
     assert [p.name for p in list_checkpoints(tmp_path / "cut" / "checkpoints")] == ["step_00000003.pt"]
+    with open(tmp_path / "cut" / "history.jsonl", "a") as handle:
+        handle.write('{"step": 6.0, "lo')  # a line cut short by the crash
     resumed = make_trainer().fit(make_task(seed=5), tiny_data, tmp_path / "cut")  # weights come from the checkpoint
     assert [e["step"] for e in resumed.history] == [4.0, 5.0, 6.0]
     assert _losses(resumed) == _losses(reference)[3:]  # exact equality, not allclose
