@@ -86,15 +86,17 @@ def ema_vectorized(z: Tensor, probabilities: Tensor) -> Tensor:
     the sum; an exact 1 further in (a router cosine of exactly -1, measure zero) gets no gradient through its
     decay. ``O(M^2 D)`` work, no Python loop.
     """
-    p = probabilities.to(z.dtype)
-    log_decay = torch.log((1 - p).clamp_min(torch.finfo(z.dtype).tiny))  # [B, M]
+    # The weights in float32 (float64 for float64 inputs): log-decays summed in bf16 lose the long memories.
+    dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+    p = probabilities.to(dtype)
+    log_decay = torch.log((1 - p).clamp_min(torch.finfo(dtype).tiny))  # [B, M]
     ones = torch.ones(z.shape[1], z.shape[1], dtype=torch.bool, device=z.device)
     strictly_lower, lower = ones.tril(-1), ones.tril(0)
     # terms[b, k, j] = log_decay[b, k] where k > j: the cumsum over k gives sum_{j<i<=k} log_decay[b, i].
-    terms = torch.where(strictly_lower, log_decay.unsqueeze(-1), torch.zeros((), dtype=z.dtype, device=z.device))
+    terms = torch.where(strictly_lower, log_decay.unsqueeze(-1), torch.zeros((), dtype=dtype, device=z.device))
     segment = terms.cumsum(dim=1).masked_fill(~lower, float("-inf"))  # [B, M(k), M(j)], -inf where j > k
     weights = segment.exp() * p.unsqueeze(1)  # [B, M, M]
-    return weights @ z
+    return weights.to(z.dtype) @ z
 
 
 def dechunk(smoothed: Tensor, index: Tensor) -> Tensor:

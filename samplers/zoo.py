@@ -165,14 +165,14 @@ class DoubleWell(Target):
 
     def sample(self, num_samples: int, generator: Optional[torch.Generator] = None) -> Tensor:
         """Rejection sampling per coordinate from Uniform(-bound, bound); the density peaks at 1."""
-        flat = torch.empty(0, dtype=torch.float64)
+        device = generator.device if generator is not None else None
+        flat = torch.empty(0, dtype=torch.float64, device=device)
         needed = num_samples * self.dim
         while flat.numel() < needed:
-            device = generator.device if generator is not None else None
             proposal = (2 * torch.rand(2 * needed, generator=generator, dtype=torch.float64, device=device) - 1) * self.bound
             uniform = torch.rand(2 * needed, generator=generator, dtype=torch.float64, device=device)
             keep = uniform < torch.exp(-self.barrier * (proposal**2 - 1) ** 2)
-            flat = torch.cat([flat.to(proposal), proposal[keep]])
+            flat = torch.cat([flat, proposal[keep]])
         return flat[:needed].reshape(num_samples, self.dim)
 
 

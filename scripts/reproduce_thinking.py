@@ -35,9 +35,9 @@ from energyflow import plots  # noqa: E402
 from energyflow.data import pack, text_files, to_batch  # noqa: E402
 from energyflow.experiment import load_run  # noqa: E402
 from energyflow.inference import think_tokens, thinking_config  # noqa: E402
-from energyflow.inference.sweep import baseline_loss, thinking_sweep  # noqa: E402
+from energyflow.inference.sweep import baseline_loss, spread_batches, thinking_sweep  # noqa: E402
 from energyflow.objectives.components import resolve_num_steps  # noqa: E402
-from energyflow.verifier import auroc, spearman, token_energies  # noqa: E402
+from energyflow.verifier import auroc, byte_pieces, spearman, token_energies, write_html  # noqa: E402
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 PYTHON_FILES = ["argparse.py", "textwrap.py", "json/decoder.py", "json/encoder.py", "fractions.py", "shlex.py"]
@@ -62,22 +62,17 @@ def rot13(windows: torch.Tensor) -> torch.Tensor:
     return table[windows.long()]
 
 
-def spread(windows: torch.Tensor, count: int) -> torch.Tensor:
-    """``count`` windows evenly spaced through the set (not just its start)."""
-    if len(windows) < count:
-        raise ValueError(f"only {len(windows)} windows, need {count}; lower --batches or --batch-size")
-    return windows[torch.linspace(0, len(windows) - 1, count).round().long()]
+def datasets(validation: torch.Tensor, seq_len: int, args: argparse.Namespace) -> dict[str, list[torch.Tensor]]:
+    """Name -> ``--batches`` batches of ``--batch-size`` uint8 windows spread through the set, in-distribution first."""
+    def spread(windows: torch.Tensor) -> list[torch.Tensor]:
+        return spread_batches(windows, args.batches, args.batch_size)
 
-
-def datasets(validation: torch.Tensor, seq_len: int, count: int) -> dict[str, torch.Tensor]:
-    """Name -> ``[count, seq_len + 1]`` uint8 windows, in-distribution first."""
     def from_files(paths):
-        data = text_files(paths)
-        return spread(pack(torch.frombuffer(bytearray(data), dtype=torch.uint8), seq_len), count)
+        return spread(pack(torch.frombuffer(bytearray(text_files(paths)), dtype=torch.uint8), seq_len))
 
-    sets = {"pydoc (held out)": spread(validation, count),
+    sets = {"pydoc (held out)": spread(validation),
             "Python source (stdlib)": from_files([STDLIB / name for name in PYTHON_FILES])}
-    sets["pydoc, ROT13"] = rot13(sets["pydoc (held out)"])
+    sets["pydoc, ROT13"] = [rot13(batch) for batch in sets["pydoc (held out)"]]
     cjk = sorted((STDLIB / "test" / "cjkencodings").glob("*-utf8.txt"))
     if cjk:
         sets["Chinese/Japanese/Korean"] = from_files(cjk)
@@ -86,11 +81,16 @@ def datasets(validation: torch.Tensor, seq_len: int, count: int) -> dict[str, to
     return sets
 
 
-def calibration(model, windows: torch.Tensor, config, initial_state, device) -> float:
-    """Spearman correlation, over tokens, of the chosen prediction's final energy with its loss."""
+def calibration(model, windows: torch.Tensor, config, initial_state, device, html_path: Path) -> float:
+    """Spearman correlation, over tokens, of the chosen prediction's final energy with its loss; writes the
+    first window coloured by those energies to ``html_path``."""
     batch = to_batch(windows, device)
     verified = think_tokens(model, batch["tokens"], config, targets=batch["targets"], initial_state=initial_state,
                             generator=torch.Generator(device=device).manual_seed(0))
+    # Byte 0 is context only; byte i+1 takes the energy of the prediction made at position i.
+    values = [float("nan")] + verified.energies[0].tolist()
+    write_html(html_path, byte_pieces(windows[0].tolist(), values),
+               title="EBT energy of its own prediction for each held-out byte (quickstart model)")
     return spearman(verified.energies.flatten(), verified.thinking.records[-1].flatten())
 
 
@@ -112,25 +112,25 @@ def evaluate(args: argparse.Namespace, ebt_dir: Path, baseline_dir: Path) -> dic
     baseline_run, _, _ = load_run(baseline_dir, device="cpu")
     task, baseline = ebt_run.task.eval(), baseline_run.task.eval().model
     validation = torch.cat(ebt_run.validation_windows)
-    sets = datasets(validation, validation.shape[1] - 1, args.batches * args.batch_size)
+    sets = datasets(validation, validation.shape[1] - 1, args)
     train_steps = resolve_num_steps(task.objective.num_steps, 0, training=False)
     args.steps = sorted(set(args.steps) | {1, train_steps})  # the table reports both
     config = thinking_config(task.objective, num_steps=max(args.steps), noise_scale=args.noise)
     device = ebt_run.device
     rows, energies = {}, {}
-    for name, windows in sets.items():
+    for name, batches in sets.items():
         started = time.perf_counter()
-        batches = list(windows.split(args.batch_size))
         sweep = thinking_sweep(task.model, batches, config, steps=args.steps, samples=args.samples, device=device,
                                initial_state=task.objective.initial_state)
         sweep.baseline_loss = baseline_loss(baseline, batches, device)
-        energies[name] = token_energies(task.model, windows.long().to(device)).mean(dim=1)
+        energies[name] = token_energies(task.model, torch.cat(batches).long().to(device)).mean(dim=1)
         rows[name] = {"sweep": sweep, "auroc": auroc(energies[next(iter(sets))], energies[name]),
                       **adaptive(args, task, batches, config, device)}
         print(f"{name}: {time.perf_counter() - started:.1f} s", flush=True)
-    in_distribution = sets[next(iter(sets))]
+    in_distribution = torch.cat(sets[next(iter(sets))])
     config_train = thinking_config(task.objective, num_steps=train_steps, noise_scale=args.noise)
-    spearman_value = calibration(task.model, in_distribution, config_train, task.objective.initial_state, device)
+    spearman_value = calibration(task.model, in_distribution, config_train, task.objective.initial_state, device,
+                                 args.out.with_name("results_uncertainty.html"))
     return {"rows": rows, "train_steps": train_steps, "spearman": spearman_value, "ebt_step": ebt_step,
             "step_size": float(config.step_size.mean()) if isinstance(config.step_size, torch.Tensor)
             else float(config.step_size)}
@@ -139,6 +139,14 @@ def evaluate(args: argparse.Namespace, ebt_dir: Path, baseline_dir: Path) -> dic
 def gain(before: float, after: float) -> float:
     """Loss reduction in percent of ``before`` (positive = better)."""
     return 100.0 * (before - after) / before
+
+
+def paired_gain(sweep, before: tuple[int, int], after: tuple[int, int]) -> str:
+    """``+x.x% ± s.e.``: loss reduction from ``before`` to ``after`` ((samples, steps) each), in percent of the
+    loss at ``before``, with the standard error of the paired per-window differences."""
+    mean, standard_error = sweep.paired_difference(before, after)
+    scale = 100.0 / sweep.loss_at(*before)
+    return f"{mean * scale:+.1f}% ± {standard_error * scale:.1f}"
 
 
 def report(args: argparse.Namespace, result: dict, seconds: float) -> str:
@@ -151,8 +159,9 @@ def report(args: argparse.Namespace, result: dict, seconds: float) -> str:
              f"{args.batches * args.batch_size} windows spread through it, bytes, losses in nats per byte. EBT "
              f"thinking: gradient descent from random logits with the learned step size {result['step_size']:.2f}, "
              f"Langevin noise {args.noise}; it trained with {t} steps. Self-verification: the lowest final energy "
-             f"of N random starts, per position. AUROC: telling the set from held-out pydoc text by the mean energy "
-             "of its observed bytes (1 = perfectly separated, 0.5 = chance).", "",
+             "of N random starts, per position. Gains: loss reduction in percent, ± the standard error of the paired "
+             "per-window differences (windows are the independent units). AUROC: telling the set from held-out pydoc "
+             "text by the mean energy of its observed bytes (1 = perfectly separated, 0.5 = chance).", "",
              f"| data | Transformer++ | EBT, 1 step | EBT, {t} steps | EBT, {k} steps | EBT, {k} steps, best of {n} "
              f"| thinking gain ({k} vs {t} steps) | self-verification gain | AUROC |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -160,8 +169,8 @@ def report(args: argparse.Namespace, result: dict, seconds: float) -> str:
         sweep = row["sweep"]
         trained, longer, verified = sweep.loss_at(1, t), sweep.loss_at(1, k), sweep.loss_at(n, k)
         lines.append(f"| {name} | {sweep.baseline_loss:.3f} | {sweep.loss_at(1, 1):.3f} | {trained:.3f} | "
-                     f"{longer:.3f} | {verified:.3f} | {gain(trained, longer):+.1f}% | {gain(longer, verified):+.1f}% "
-                     f"| {row['auroc']:.3f} |")
+                     f"{longer:.3f} | {verified:.3f} | {paired_gain(sweep, (1, t), (1, k))} | "
+                     f"{paired_gain(sweep, (1, k), (n, k))} | {row['auroc']:.3f} |")
     lines += ["", *adaptive_table(args, result, k)]
     lines += ["", *sentences(result, t, k, n), "", "![EBT loss change vs thinking steps](results_thinking.png)", ""]
     return "\n".join(lines)
@@ -196,7 +205,8 @@ def sentences(result: dict, t: int, k: int, n: int) -> list[str]:
         f"- Best of {n} by energy changed it by a further " +
         ", ".join(f"{verify[name]:+.1f}% ({name})" for name in by_ood) + ".",
         f"- In distribution, the Spearman correlation between a prediction's final energy and its loss "
-        f"({t} steps, one sample) is {result['spearman']:+.3f}.",
+        f"({t} steps, one sample) is {result['spearman']:+.3f}; `results_uncertainty.html` shows one held-out window "
+        "coloured by those energies.",
     ]
 
 

@@ -23,7 +23,8 @@ from torch import Tensor
 from energyflow.data import pack, text_files
 from energyflow.experiment import load_run
 from energyflow.inference.generation import Decoding, Generation, generate_baseline, generate_ebt
-from energyflow.inference.sweep import SweepResult, baseline_loss, check_counts, thinking_sweep
+from energyflow.inference.sweep import SweepResult, baseline_loss, check_counts, spread_batches, thinking_sweep
+from energyflow.inference.optimize import ThinkingConfig
 from energyflow.inference.text import thinking_config
 from energyflow.models import TextEBM
 from energyflow.objectives.components import resolve_num_steps
@@ -44,14 +45,17 @@ def _add_thinking_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accept-if-lower", action="store_true", help="keep a step only where it lowers the energy")
     parser.add_argument("--energy-tolerance", type=float, help="freeze a position once |dE| falls below this")
     parser.add_argument("--grad-tolerance", type=float, help="freeze a position once ||grad E|| falls below this")
+    parser.add_argument("--check-every", type=int, default=4, help="with a tolerance: every that many steps, stop "
+                        "once every position has frozen (one host sync per check; default 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random initial states and noise")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
 
 
-def _config(task, args: argparse.Namespace, num_steps: int):
+def _config(task, args: argparse.Namespace, num_steps: int) -> ThinkingConfig:
+    adaptive = args.energy_tolerance is not None or args.grad_tolerance is not None
     return thinking_config(task.objective, num_steps=num_steps, step_size=args.step_size, noise_scale=args.noise,
                            accept_if_lower=args.accept_if_lower, energy_tolerance=args.energy_tolerance,
-                           grad_tolerance=args.grad_tolerance)
+                           grad_tolerance=args.grad_tolerance, check_every=args.check_every if adaptive else None)
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -129,10 +133,7 @@ def run_generate(args: argparse.Namespace, console: Console) -> int:
     prompt = _encode_prompt(args.prompt, device)
     _check_room(task.model, prompt, args.max_new)
     is_ebt = isinstance(task.model, TextEBM)
-    if args.candidates > 1 and (is_ebt or not args.rerank_with or args.strategy != "sample"):
-        raise ValueError("--candidates > 1 samples several continuations from a Transformer++ run to rank with an "
-                         "EBT: give --strategy sample and --rerank-with EBT_RUN_DIR (an EBT self-verifies with "
-                         "--samples instead)")
+    _check_generate_options(args, is_ebt)
     decoding = Decoding(args.strategy, args.temperature, args.top_p)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     start = time.perf_counter()
@@ -152,6 +153,15 @@ def run_generate(args: argparse.Namespace, console: Console) -> int:
     count = out.tokens.numel()
     console.print(f"[dim]{count} tokens in {seconds:.2f} s ({count / seconds:.1f} tokens/s), checkpoint step {step}[/]")
     return 0
+
+
+def _check_generate_options(args: argparse.Namespace, is_ebt: bool) -> None:
+    if args.candidates > 1 and (is_ebt or not args.rerank_with or args.strategy != "sample"):
+        raise ValueError("--candidates > 1 samples several continuations from a Transformer++ run to rank with an "
+                         "EBT: give --strategy sample and --rerank-with EBT_RUN_DIR (an EBT self-verifies with "
+                         "--samples instead)")
+    if not is_ebt and (args.samples != 1 or args.steps is not None or args.html):
+        raise ValueError("--samples, --steps and --html apply to EBT runs; this run is a Transformer++")
 
 
 def _decode(tokens: Tensor) -> str:
@@ -191,18 +201,13 @@ def _print_generation(args: argparse.Namespace, console: Console, out: Generatio
 
 
 def _windows(args: argparse.Namespace, validation: list[Tensor]) -> list[Tensor]:
-    """Evaluation windows in batches of ``--batch-size``, at most ``--batches`` of them."""
+    """``--batches`` batches of ``--batch-size`` windows spread through ``--data`` or the validation split."""
     seq_len = validation[0].shape[1] - 1
     if args.data:
-        data = text_files(args.data)
-        windows = pack(torch.frombuffer(bytearray(data), dtype=torch.uint8), seq_len)
+        windows = pack(torch.frombuffer(bytearray(text_files(args.data)), dtype=torch.uint8), seq_len)
     else:
         windows = torch.cat(validation)
-    count = min(args.batches, len(windows) // args.batch_size)
-    if count < 1:
-        raise ValueError(f"{len(windows)} windows of {seq_len + 1} bytes do not fill one batch of --batch-size "
-                         f"{args.batch_size}; give more text or a smaller --batch-size")
-    return [windows[i * args.batch_size:(i + 1) * args.batch_size] for i in range(count)]
+    return spread_batches(windows, args.batches, args.batch_size)
 
 
 def run_think(args: argparse.Namespace, console: Console) -> int:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from architectures.transformer import KVCache
 from energyflow.inference.optimize import ThinkingConfig
 from energyflow.inference.text import InitialState, encode, extend_context, think_on_cache
-from energyflow.inference.verification import self_verify
+from energyflow.inference.verification import Verified, self_verify
 from energyflow.objectives.components import RandomNoise
 
 Strategy = Literal["greedy", "sample"]
@@ -113,7 +113,7 @@ def generate_ebt(model: nn.Module, prompt: Tensor, max_new: int, config: Thinkin
 
 
 def _think_recomputing(model: nn.Module, sequence: Tensor, config: ThinkingConfig, num_candidates: int,
-                       generator: Optional[torch.Generator], draw: InitialState):
+                       generator: Optional[torch.Generator], draw: InitialState) -> Verified:
     """The uncached reference: every energy evaluation runs both streams of the whole ``sequence [B, L]``."""
     tokens = sequence.repeat_interleave(num_candidates, dim=0)  # [B*n, L]
     rows, length = tokens.shape

@@ -26,7 +26,8 @@ class SweepResult:
     """``loss[n]``, ``energy[n]``: ``[K+1]`` means over tokens after 0..K steps with ``n`` candidates
     (entry 0 is the random initial state); ``mean_steps[n]``: average steps a position took (< K only with
     adaptive stopping); ``baseline_loss``: the Transformer++ on the same tokens, if given;
-    ``fixed_budget_loss``: for an adaptive run, the loss of the same run without tolerances (all ``K`` steps)."""
+    ``fixed_budget_loss``: for an adaptive run, the loss of the same run without tolerances (all ``K`` steps);
+    ``window_loss[n]``: ``[K+1][W]`` the loss of each window (for paired standard errors across windows)."""
 
     steps: list[int]
     samples: list[int]
@@ -35,6 +36,7 @@ class SweepResult:
     mean_steps: dict[int, float] = field(default_factory=dict)
     baseline_loss: Optional[float] = None
     fixed_budget_loss: Optional[float] = None
+    window_loss: dict[int, list[list[float]]] = field(default_factory=dict)
 
     def loss_at(self, num_samples: int, num_steps: int) -> float:
         return self.loss[num_samples][num_steps]
@@ -43,12 +45,32 @@ class SweepResult:
         """Loss reduction of ``num_samples`` candidates over one, at ``num_steps`` steps (positive = better)."""
         return self.loss[1][num_steps] - self.loss[num_samples][num_steps] if 1 in self.loss else float("nan")
 
+    def paired_difference(self, first: tuple[int, int], second: tuple[int, int]) -> tuple[float, float]:
+        """Mean and standard error over windows of ``loss(first) - loss(second)``, each ``(samples, steps)``
+        (positive = ``second`` is better). Pairing by window removes the windows' own difficulty."""
+        differences = (torch.tensor(self.window_loss[first[0]][first[1]])
+                       - torch.tensor(self.window_loss[second[0]][second[1]]))
+        if len(differences) < 2:
+            return float(differences.mean()), float("nan")
+        return float(differences.mean()), float(differences.std() / len(differences) ** 0.5)
+
 
 def check_counts(values: Sequence[int], name: str) -> list[int]:
     counts = sorted(set(int(v) for v in values))
     if not counts or counts[0] < 1:
         raise ValueError(f"{name} must be positive integers, e.g. 1,2,4; got {list(values)}")
     return counts
+
+
+def spread_batches(windows: Tensor, num_batches: int, batch_size: int) -> list[Tensor]:
+    """``num_batches`` batches ``[batch_size, S+1]`` of windows spread evenly through ``windows [N, S+1]``
+    (a corpus's first windows are rarely typical of it)."""
+    count = num_batches * batch_size
+    if num_batches < 1 or batch_size < 1 or len(windows) < count:
+        raise ValueError(f"{len(windows)} windows cannot fill {num_batches} batch(es) of {batch_size}; give more "
+                         "text or fewer/smaller batches")
+    chosen = windows[torch.linspace(0, len(windows) - 1, count).round().long()]
+    return list(chosen.split(batch_size))
 
 
 def _pad(trace: Tensor, length: int) -> Tensor:
@@ -74,7 +96,7 @@ def thinking_sweep(model: nn.Module, windows: Sequence[Tensor], config: Thinking
                    samples: Sequence[int], device: torch.device, seed: int = 0,
                    initial_state: Optional[InitialState] = None) -> SweepResult:
     """Run ``config`` (its ``num_steps`` replaced by ``max(steps)``) with each sample count over ``windows``
-    (a list of ``[B, S+1]`` batches, equally weighted)."""
+    (a list of ``[B, S+1]`` batches; every window weighs the same in the means)."""
     steps, samples = check_counts(steps, "steps"), check_counts(samples, "samples")
     if not windows:
         raise ValueError("thinking_sweep needs at least one batch of windows")
@@ -82,16 +104,18 @@ def thinking_sweep(model: nn.Module, windows: Sequence[Tensor], config: Thinking
     result = SweepResult(steps, samples)
     for num_samples in samples:
         generator = torch.Generator(device=device).manual_seed(seed)
-        loss_sum, energy_sum, steps_sum = 0.0, 0.0, 0.0
+        window_losses, energy_sum, steps_sum = [], 0.0, 0.0
         for window in windows:
             batch = to_batch(window, device)
             verified = think_tokens(model, batch["tokens"], config, num_candidates=num_samples,
                                     targets=batch["targets"], generator=generator, initial_state=initial_state)
             energies, losses = best_of_n_trace(verified.thinking, num_samples)
-            loss_sum = loss_sum + _pad(losses, steps[-1] + 1).mean(dim=(1, 2))
+            window_losses.append(_pad(losses, steps[-1] + 1).mean(dim=2))  # [K+1, B]
             energy_sum = energy_sum + _pad(energies, steps[-1] + 1).mean(dim=(1, 2))
             steps_sum += float(verified.thinking.mean_steps())
-        result.loss[num_samples] = (loss_sum / len(windows)).tolist()
+        per_window = torch.cat(window_losses, dim=1)  # [K+1, W]
+        result.window_loss[num_samples] = per_window.tolist()
+        result.loss[num_samples] = per_window.mean(dim=1).tolist()
         result.energy[num_samples] = (energy_sum / len(windows)).tolist()
         result.mean_steps[num_samples] = steps_sum / len(windows)
     return result

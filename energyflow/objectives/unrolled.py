@@ -145,11 +145,7 @@ class EBTObjective(nn.Module):
             if isinstance(transform, WarmupLangevinNoise):
                 transform.set_training_step(step)
         count = int(num_steps) if num_steps is not None else resolve_num_steps(self.num_steps, step, training)
-        state = self.initial_state(model.candidate_shape(targets), device=targets.device, dtype=torch.float32,
-                                   generator=generator)
-        replayed = 0
-        if training and self.replay_buffer is not None:
-            inputs, targets, state, replayed = self.replay_buffer.mix(inputs, targets, state, generator)
+        inputs, targets, state, replayed = self._start(model, inputs, targets, generator, training)
         with contextlib.nullcontext() if training else torch.no_grad():  # validation needs no weight gradients
             context = model.encode(inputs)  # once per batch; in training inside the graph, so its weights learn
         energy_fn = _RecordingEnergy(model, context)
@@ -163,14 +159,21 @@ class EBTObjective(nn.Module):
         loss = step_losses[-1] if self.loss_on_last_step_only else torch.stack(step_losses).mean()
         metrics = self._metrics(step_losses, energy_fn.calls, trajectory, sampler, replayed / targets.shape[0])
         if training and self.contrastive is not None:
-            positive = model.energy(energy_fn.context, self.loss_fn.target_state(targets, state))
-            negative = model.energy(energy_fn.context, trajectory.final_state.detach())
-            term = self.contrastive(positive, negative)
-            loss = loss + term
-            metrics["contrastive"] = term.detach()
+            positive = model.energy(context, self.loss_fn.target_state(targets, state))
+            term = self.contrastive(positive, model.energy(context, trajectory.final_state.detach()))
+            loss, metrics["contrastive"] = loss + term, term.detach()
         if training and self.replay_buffer is not None:
             self.replay_buffer.push(inputs, targets, trajectory.final_state)
         return ObjectiveOutput(loss, metrics, trajectory.final_state.detach(), trajectory)
+
+    def _start(self, model: nn.Module, inputs: Tensor, targets: Tensor, generator: Optional[torch.Generator],
+               training: bool) -> tuple[Tensor, Tensor, Tensor, int]:
+        """y_0 for every row; in training part of the batch comes from the replay buffer (with its contexts)."""
+        state = self.initial_state(model.candidate_shape(targets), device=targets.device, dtype=torch.float32,
+                                   generator=generator)
+        if training and self.replay_buffer is not None:
+            return self.replay_buffer.mix(inputs, targets, state, generator)
+        return inputs, targets, state, 0
 
     def _smoothing(self, step_index: int, num_steps: int) -> float:
         return 0.0 if self.label_smoothing is None else self.label_smoothing(step_index, num_steps)

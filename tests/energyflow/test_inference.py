@@ -151,3 +151,17 @@ def test_bad_state_and_step_size_are_refused():
     with pytest.raises(ValueError, match="index the state"):
         think(lambda y: y.sum(-1).sum(-1, keepdim=True).expand(-1, 5), torch.ones(1, 2, 1),
               ThinkingConfig(num_steps=1, step_size=1.0))
+
+
+def test_thinking_config_takes_the_learned_step_size_and_clamps_but_not_training_noise():
+    from energyflow.inference import thinking_config
+    from energyflow.objectives.unrolled import EBTObjective
+
+    sampler = GradientDescent(5.0, learnable=True, transforms=(ClampGradient(1.0), LangevinNoise(3.0)))
+    config = thinking_config(EBTObjective(sampler), num_steps=7, noise_scale=0.5)
+    assert config.num_steps == 7 and float(config.step_size) == 5.0 and config.noise_scale == 0.5
+    assert [type(t) for t in config.transforms] == [ClampGradient]
+    assert not config.step_size.requires_grad  # a copy: thinking never trains the step size
+    evaluation = EBTObjective(GradientDescent(2.0), eval_sampler=GradientDescent(0.5))
+    assert float(thinking_config(evaluation, num_steps=1).step_size) == 0.5
+    assert float(thinking_config(evaluation, num_steps=1, step_size=9.0).step_size) == 9.0

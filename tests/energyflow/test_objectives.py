@@ -193,3 +193,28 @@ def test_bad_configuration_is_named():
         RandomNumSteps(3, 2)
     with pytest.raises(ValueError, match="CrossEntropy expects"):
         CrossEntropy()(torch.randn(2, 3, 4), torch.zeros(2, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("loss", ["smooth_l1", "mse"])
+def test_continuous_candidates_learn_with_a_regression_loss(loss):
+    """The same objective over vectors (e.g. video latents): a few updates lower the descent's final loss."""
+    from energyflow.models import VectorSequenceEBM
+    from energyflow.objectives import MeanSquaredError, SmoothL1
+
+    torch.manual_seed(0)
+    model = VectorSequenceEBM(EBT(TransformerConfig(dim=32, num_layers=1, num_heads=2, max_seq_len=LENGTH)), 3)
+    loss_fn = SmoothL1() if loss == "smooth_l1" else MeanSquaredError()
+    objective = EBTObjective(GradientDescent(1.0, learnable=True), num_steps=2, loss=loss_fn, initial_state=Zeros(),
+                             contrastive=ContrastiveTerm(weight=0.01))
+    sequence = torch.randn(8, LENGTH + 1, 3, generator=torch.Generator().manual_seed(0)).cumsum(1) * 0.3
+    inputs, targets = sequence[:, :-1], sequence[:, 1:]
+    optimizer = torch.optim.Adam(list(model.parameters()) + list(objective.parameters()), lr=3e-3)
+    losses = []
+    for step in range(15):
+        out = objective(model, inputs, targets, generator=torch.Generator().manual_seed(step), step=step)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(float(out.metrics["final_loss"]))
+    assert losses[-1] < 0.8 * losses[0]
+    torch.testing.assert_close(loss_fn.target_state(targets, inputs), targets)

@@ -36,6 +36,10 @@ def test_sweep_prefixes_equal_shorter_runs_and_selection_lowers_energy():
     assert sweep.energy[4][3] < sweep.energy[1][3]
     assert sweep.mean_steps[1] == 3.0
     assert sweep.verification_gain(4, 3) == pytest.approx(sweep.loss[1][3] - sweep.loss[4][3])
+    mean, standard_error = sweep.paired_difference((1, 1), (1, 3))
+    assert mean == pytest.approx(sweep.loss[1][1] - sweep.loss[1][3], rel=1e-5)
+    per_window = torch.tensor(sweep.window_loss[1][1]) - torch.tensor(sweep.window_loss[1][3])
+    assert len(per_window) == 4 and standard_error == pytest.approx(float(per_window.std() / 2.0), rel=1e-5)
 
 
 def test_sweep_with_adaptive_stopping_reports_fewer_steps_and_pads_its_trace():
@@ -80,3 +84,13 @@ def test_plots_refuse_mismatched_series_and_explain_a_missing_matplotlib(tmp_pat
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     with pytest.raises(ImportError, match=r"energyflow\[plot\]"):
         plots.energy_vs_step(tmp_path / "e.png", {1: [0.0, 1.0]})
+
+
+def test_spread_batches_cover_the_whole_set_and_refuse_too_little_text():
+    from energyflow.inference.sweep import spread_batches
+
+    windows = torch.arange(10).view(10, 1).expand(10, 3)
+    batches = spread_batches(windows, 2, 2)
+    assert [b[:, 0].tolist() for b in batches] == [[0, 3], [6, 9]]
+    with pytest.raises(ValueError, match="cannot fill"):
+        spread_batches(windows, 3, 4)

@@ -59,6 +59,8 @@ def test_generate_refuses_bad_requests(runs):
     status, text = _run(["generate", str(runs["tpp"]), "--prompt", "x", "--max-new", "2", "--strategy", "sample",
                          "--candidates", "2", "--rerank-with", str(runs["tpp"])])
     assert status == 1 and "not an EBT run" in text
+    status, text = _run(["generate", str(runs["tpp"]), "--prompt", "x", "--max-new", "2", "--samples", "4"])
+    assert status == 1 and "apply to EBT runs" in text
 
 
 def test_think_prints_a_table_and_writes_plots(runs, tmp_path):
@@ -87,13 +89,16 @@ def test_thinking_options_reach_the_config(runs):
     from energyflow.inference.commands import _config
 
     args = build_parser().parse_args(["think", str(runs["ebt"]), "--step-size", "3", "--noise", "0.5",
-                                      "--energy-tolerance", "0.1", "--grad-tolerance", "0.2", "--accept-if-lower"])
+                                      "--energy-tolerance", "0.1", "--grad-tolerance", "0.2", "--accept-if-lower",
+                                      "--check-every", "3"])
     task = load_run(runs["ebt"], device="cpu")[0].task
     config = _config(task, args, 4)
     assert (config.num_steps, config.step_size, config.noise_scale) == (4, 3.0, 0.5)
     assert (config.energy_tolerance, config.grad_tolerance, config.accept_if_lower) == (0.1, 0.2, True)
+    assert config.check_every == 3
     learned = _config(task, build_parser().parse_args(["think", str(runs["ebt"])]), 2)
     assert float(learned.step_size) == float(task.objective.sampler.step_size.detach())
+    assert learned.check_every is None  # without a tolerance nothing freezes: no early-exit check, no sync
 
 
 def test_adaptive_think_reports_the_steps_used_and_seeds_repeat(runs, tmp_path):
