@@ -203,7 +203,7 @@ class Sampler(nn.Module):
                 f"{type(self).__name__} has a Metropolis correction, which is not differentiable (accept/reject "
                 "is discrete); use GradientDescent or Langevin for differentiable=True."
             )
-        _check_run_args(y0, num_steps, warmup, thin, generator, differentiable, truncate, detach_between_steps)
+        check_run_args(y0, num_steps, warmup, thin, generator, differentiable, truncate, detach_between_steps)
         transforms = list(self.transforms) + ([Detach()] if detach_between_steps else [])
         total = warmup + num_steps
         first_graph_step = total - truncate if truncate is not None else 0
@@ -214,7 +214,7 @@ class Sampler(nn.Module):
         tuning = self._begin(y0, warmup)
         state = self._init(y0, energy_fn, transforms, keeps_graph(0))
         check_finite_start(state.energy.detach(), state.grad.detach())
-        recorder = _Recorder(y0, num_steps, thin, keep_graph=differentiable)
+        recorder = Recorder(y0, num_steps, thin, keep_graph=differentiable)
         for index in range(total):
             ctx = StepContext(index, total, generator, keeps_graph(index + 1), index < total - 1)
             with torch.enable_grad() if keeps_graph(index) else torch.no_grad():
@@ -227,7 +227,7 @@ class Sampler(nn.Module):
         return recorder.trajectory(self._adapted(tuning, y0))
 
 
-def _check_run_args(
+def check_run_args(
     y0: Tensor,
     num_steps: int,
     warmup: int,
@@ -237,6 +237,7 @@ def _check_run_args(
     truncate: Optional[int],
     detach_between_steps: bool,
 ) -> None:
+    """Entry-time validation of ``run``'s arguments (shared with the NUTS adapter, which has its own loop)."""
     check_state(y0)
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
@@ -255,12 +256,13 @@ def _check_run_args(
         raise ValueError(f"truncate must be an int in [1, warmup + num_steps={warmup + num_steps}], got {truncate!r}")
 
 
-class _Recorder:
+class Recorder:
     """Collects kept states, energies and per-step info.
 
     Without a graph the kept states go into preallocated buffers (no second copy when stacking).
     Info is recorded for every sampling step and reduced over each thinning block (bool fields: any;
-    float fields: mean), so divergences between kept states are never lost.
+    float fields: mean), so divergences between kept states are never lost (and a Metropolis block's
+    mean energy error is +inf when it holds one: divergent transitions record +inf, never NaN).
     """
 
     def __init__(self, y0: Tensor, num_steps: int, thin: int, *, keep_graph: bool) -> None:

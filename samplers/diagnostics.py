@@ -7,6 +7,7 @@ sampling, in float64, on detached states; none of it is inside a step loop.
 from __future__ import annotations
 
 import io
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -37,6 +38,10 @@ def effective_sample_size(states: Tensor) -> Tensor:
     Same formula as ``pyro.ops.stats.effective_sample_size`` (a test checks they agree) and built on its
     FFT ``autocovariance``, but pyro's cumulative minimum materializes a [T/2, T/2, *event] mask: 800 MB
     for 2000 draws of 100 coordinates. ``torch.cummin`` does the same in O(T * event) memory.
+
+    Unlike pyro, tau is floored as in Stan at 1 / log10(N) for N = C * T draws (ESS <= N log10 N):
+    antithetic chains (negative lag-1 autocorrelation) can make -1 + 2 * sum negative, which would give a
+    negative or absurdly large ESS.
     """
     draws = _as_draws(states, 2)  # [T, C, *event]
     num_draws, num_chains = draws.shape[0], draws.shape[1]
@@ -53,7 +58,9 @@ def effective_sample_size(states: Tensor) -> Tensor:
     # Pair sums are positive in theory; truncate noise at zero, then force them monotone decreasing.
     monotone = torch.cummin(pairs[1:].clamp(min=0), dim=0).values
     tau = -1 + 2 * pairs[0] + 2 * monotone.sum(dim=0)
-    return num_chains * num_draws / tau
+    total_draws = num_chains * num_draws
+    tau = tau.clamp(min=1.0 / math.log10(total_draws))  # total_draws >= 2 (checked by _as_draws)
+    return total_draws / tau
 
 
 def split_rhat(states: Tensor) -> Tensor:

@@ -14,15 +14,21 @@ from samplers.energy import EnergyAndGrad, EnergyFn, energy_and_grad
 from samplers.transforms import Transform, apply_grad
 
 
-def sample_momentum(y: Tensor, inverse_mass: Optional[Tensor], generator: Optional[torch.Generator]) -> Tensor:
-    """[C, *event] draw from N(0, M) with M = 1 / inverse_mass."""
+def sample_momentum(
+    y: Tensor, inverse_mass: Optional[Tensor], generator: Optional[torch.Generator]
+) -> tuple[Tensor, Tensor]:
+    """(momentum [C, *event] ~ N(0, M) with M = 1 / inverse_mass, its kinetic energy [C]).
+
+    p = sqrt(M) xi with xi ~ N(0, I), so p^T M^-1 p / 2 = |xi|^2 / 2: no pass over the mass needed.
+    """
     noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
-    return noise if inverse_mass is None else noise * torch.rsqrt(inverse_mass)
+    kinetic = 0.5 * noise.square().flatten(1).sum(dim=1)
+    return (noise if inverse_mass is None else noise.mul_(torch.rsqrt(inverse_mass))), kinetic
 
 
 def kinetic_energy(momentum: Tensor, inverse_mass: Optional[Tensor]) -> Tensor:
     """[C] p^T M^-1 p / 2 per chain."""
-    squared = momentum.square() if inverse_mass is None else momentum.square() * inverse_mass
+    squared = momentum.square() if inverse_mass is None else momentum.square().mul_(inverse_mass)
     return 0.5 * squared.flatten(1).sum(dim=1)
 
 
@@ -42,16 +48,19 @@ def leapfrog(
     Costs ``num_steps`` energy+gradient evaluations (half kicks are fused between steps). The force is
     passed through ``transform_grad`` (e.g. ``ClampGradient``): any position-dependent force keeps the
     map volume preserving and reversible, so the Metropolis test on the true Hamiltonian stays exact.
-    Returns (y [C, *event], momentum [C, *event], energy and *raw* gradient at the final y).
+    Returns (y [C, *event], momentum [C, *event], energy and *raw* gradient at the final y). Never
+    modifies its inputs; without a graph (Metropolis samplers) it updates its own copies in place.
     """
     half_step = 0.5 * step_size
-    # addcmul fuses each "x + a * b" into one pass over the [C, *event] tensors.
+    # The drift y += eps M^-1 p uses eps M^-1 [C or 1, *event], formed once rather than once per step.
+    drift_scale = step_size if inverse_mass is None else step_size * inverse_mass
+    # addcmul fuses each "x + a * b" into one pass over the [C, *event] tensors; the first update of each
+    # makes the copy that the later in-place updates own.
     momentum = torch.addcmul(momentum, half_step, apply_grad(transforms, grad, step_size), value=-1.0)
     evaluated = None
     for index in range(num_steps):
-        velocity = momentum if inverse_mass is None else momentum * inverse_mass
-        y = torch.addcmul(y, step_size, velocity)
+        y = torch.addcmul(y, drift_scale, momentum) if index == 0 else y.addcmul_(drift_scale, momentum)
         evaluated = energy_and_grad(energy_fn, y)
         kick = step_size if index < num_steps - 1 else half_step
-        momentum = torch.addcmul(momentum, kick, apply_grad(transforms, evaluated.grad, step_size), value=-1.0)
+        momentum.addcmul_(kick, apply_grad(transforms, evaluated.grad, step_size), value=-1.0)
     return y, momentum, evaluated

@@ -25,19 +25,21 @@ from samplers.transforms import Transform, check_detailed_balance
 
 def metropolis_accept(
     energy_error: Tensor, new_grad: Tensor, generator: Optional[torch.Generator], max_energy_error: float
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-chain accept test for ``energy_error`` = -log(acceptance ratio) [C].
 
     Divergent chains (non-finite error or gradient, or an error above ``max_energy_error``) get
-    acceptance probability 0 and are always rejected; the other chains are unaffected.
-    Returns (acceptance_prob [C], accepted [C] bool, divergent [C] bool).
+    acceptance probability 0 and are always rejected; the other chains are unaffected. Their energy error
+    is recorded as +inf, so ``acceptance_prob == exp(-max(energy_error, 0))`` holds for every transition
+    and a thinning block's mean error is +inf (never NaN) when the block holds a divergence.
+    Returns (acceptance_prob [C], accepted [C] bool, divergent [C] bool, energy_error [C]).
     """
     divergent = ~finite_chains(energy_error, new_grad) | (energy_error > max_energy_error)
-    acceptance_prob = torch.exp(torch.clamp(-energy_error, max=0.0))
-    acceptance_prob = torch.where(divergent, torch.zeros_like(acceptance_prob), acceptance_prob)
+    energy_error = torch.where(divergent, torch.full_like(energy_error, float("inf")), energy_error)
+    acceptance_prob = torch.exp(torch.clamp(-energy_error, max=0.0))  # exp(-inf) = 0 for divergent chains
     uniform = torch.rand(energy_error.shape, generator=generator, device=energy_error.device, dtype=energy_error.dtype)
-    accepted = (uniform < acceptance_prob) & ~divergent
-    return acceptance_prob, accepted, divergent
+    accepted = uniform < acceptance_prob  # never for divergent chains: uniform >= 0 = acceptance_prob
+    return acceptance_prob, accepted, divergent, energy_error
 
 
 def select(accepted: Tensor, new: Tensor, old: Tensor) -> Tensor:
@@ -78,6 +80,8 @@ class MetropolisSampler(Sampler):
         target_accept: float,
         max_energy_error: float,
         transforms: Sequence[Transform],
+        pooled_mass: bool = False,
+        shared_step_size: bool = False,
     ) -> None:
         super().__init__(transforms)
         check_detailed_balance(transforms, type(self).__name__)
@@ -89,6 +93,7 @@ class MetropolisSampler(Sampler):
         self.register_buffer("inverse_mass", None if inverse_mass is None else copy_as_tensor(inverse_mass))
         self.adapt_step_size, self.adapt_mass = adapt_step_size, adapt_mass
         self.target_accept, self.max_energy_error = target_accept, max_energy_error
+        self.pooled_mass, self.shared_step_size = pooled_mass, shared_step_size
 
     def _begin(self, y0: Tensor, warmup: int) -> Tuning:
         step_size = as_step_size(self.step_size, y0)
@@ -107,6 +112,8 @@ class MetropolisSampler(Sampler):
             target_accept=self.target_accept,
             adapt_step_size=self.adapt_step_size,
             adapt_mass=self.adapt_mass,
+            pooled_mass=self.pooled_mass,
+            shared_step_size=self.shared_step_size,
         )
         return Tuning(adaptation.step_size, adaptation.inverse_mass, adaptation)
 

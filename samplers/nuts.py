@@ -25,7 +25,7 @@ import pyro.infer
 import torch
 from torch import Tensor, nn
 
-from samplers.base import _check_run_args, _Recorder
+from samplers.base import Recorder, check_run_args
 from samplers.energy import EnergyFn, check_energy_shape, check_finite_start, energy_and_grad
 from samplers.trajectory import Trajectory
 
@@ -168,7 +168,7 @@ class NUTS(nn.Module):
         if differentiable:
             raise ValueError("NUTS has no differentiable mode: its Metropolis-corrected, adaptively sized trees "
                              "are not differentiable. Use GradientDescent or Langevin with differentiable=True.")
-        _check_run_args(y0, num_steps, warmup, thin, generator, differentiable, truncate, detach_between_steps)
+        check_run_args(y0, num_steps, warmup, thin, generator, differentiable, truncate, detach_between_steps)
         self._validate(energy_fn, y0)
         device = generator.device if generator is not None else y0.device
         seeds = torch.randint(0, 2**62, (y0.shape[0],), generator=generator, device=device).tolist()
@@ -186,7 +186,7 @@ class NUTS(nn.Module):
         fields = {name: stacked(name, dtype) for name, dtype in (
             ("acceptance_prob", y0.dtype), ("accepted", torch.bool), ("divergent", torch.bool),
             ("step_size", y0.dtype), ("tree_depth", y0.dtype), ("num_leapfrog_steps", y0.dtype))}
-        recorder = _Recorder(y0, num_steps, thin, keep_graph=False)
+        recorder = Recorder(y0, num_steps, thin, keep_graph=False)
         with torch.no_grad():
             for index in range(warmup + num_steps):
                 info = _NUTSInfo(*(fields[name][index] for name in _NUTSInfo._fields))

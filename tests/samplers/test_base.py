@@ -45,6 +45,11 @@ def test_thinning_keeps_every_kth_state_and_keeps_every_divergence():
     torch.testing.assert_close(thinned.info["divergent"], blocks("divergent").any(dim=1))
     torch.testing.assert_close(thinned.info["acceptance_prob"], blocks("acceptance_prob").mean(dim=1))
     assert thinned.num_divergent().sum() > 0
+    # A divergent transition's energy error is +inf, so its block averages to +inf, never NaN.
+    energy_error = thinned.info["energy_error"]
+    assert not energy_error.isnan().any()
+    assert (energy_error[thinned.info["divergent"]] == float("inf")).all()
+    assert torch.isfinite(energy_error[~thinned.info["divergent"]]).all()
 
 
 def test_thin_drops_the_incomplete_last_block():

@@ -66,6 +66,17 @@ def test_ess_of_ar1_chain_matches_its_known_value():
     assert 0.7 < float(ess.min()) / expected and float(ess.max()) / expected < 1.3
 
 
+def test_ess_of_antithetic_chains_is_floored_as_in_stan():
+    """An alternating chain (lag-1 autocorrelation ~ -1) makes -1 + 2 * sum of autocorrelations negative;
+    Stan floors tau at 1 / log10(N), i.e. ESS <= N log10 N for N = C * T draws (here 2 * 500)."""
+    signs = torch.tensor([1.0, -1.0]).repeat(250).view(500, 1, 1)
+    draws = signs * torch.ones(1, 2, 3) + 1e-3 * torch.randn(500, 2, 3, generator=torch.Generator().manual_seed(0))
+    ess = effective_sample_size(draws)
+    torch.testing.assert_close(ess, torch.full((3,), 1000 * 3.0, dtype=torch.float64))
+    ar1 = _ar1(2000, 2, 5, -0.5, seed=7)  # mildly antithetic: ESS = N * 1.5 / 0.5 = 3N, below the cap
+    assert abs(float(effective_sample_size(ar1).mean()) / (3 * 4000) - 1) < 0.1
+
+
 def test_split_rhat_near_one_for_mixed_chains_and_large_for_stuck_chains():
     mixed = _ar1(2000, 4, 10, 0.5, seed=3)
     assert split_rhat(mixed).max() < 1.01
