@@ -77,7 +77,8 @@ def _accuracy(states: torch.Tensor, target: Target, variance_coordinates: slice)
     sd = target.variance.sqrt()
     mean_error = ((mean - target.mean).abs() / sd).max()
     variance = variance[variance_coordinates]
-    variance_error = ((variance - target.variance[variance_coordinates]).abs() / target.variance[variance_coordinates]).max()
+    true_variance = target.variance[variance_coordinates]
+    variance_error = ((variance - true_variance).abs() / true_variance).max()
     return {"max_abs_mean_error_over_sd": float(mean_error), "max_rel_variance_error": float(variance_error)}
 
 

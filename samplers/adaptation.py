@@ -140,9 +140,8 @@ class WarmupAdaptation:
         if self._in_window(step_index):
             self._welford.update(y.detach())
             if step_index in self._window_ends:
-                self.inverse_mass = (
-                    pooled_variance(self._welford) if self.pooled_mass else self._welford.get_covariance(regularize=True)
-                )
+                pooled = self.pooled_mass
+                self.inverse_mass = pooled_variance(self._welford) if pooled else self._welford.get_covariance()
                 self._welford.reset()
                 # The geometry just changed: restart the step-size search from the current value.
                 self._dual_averaging = self._restart_dual_averaging()

@@ -58,7 +58,9 @@ def step(
     log_forward = -0.5 * _sum_event(noise.square())
     log_reverse = -_sum_event((y - proposal + step_size * reverse_drift).square() / (4.0 * step_size))
     energy_error = evaluated.energy - state.energy - log_reverse + log_forward  # = -log a
-    acceptance_prob, accepted, divergent, energy_error = metropolis_accept(energy_error, evaluated.grad, generator, max_energy_error)
+    acceptance_prob, accepted, divergent, energy_error = metropolis_accept(
+        energy_error, evaluated.grad, generator, max_energy_error
+    )
     new_state = MALAState(
         select(accepted, proposal, y),
         torch.where(accepted, evaluated.energy, state.energy),

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from architectures.ebt import ContextCache
 from energyflow.inference.optimize import ThinkingConfig
 from energyflow.inference.verification import Verified, self_verify
-from energyflow.objectives.components import RandomNoise
+from energyflow.objectives.components import RandomNoise, Zeros
 from samplers.transforms import Detach, LangevinNoise
 
 InitialState = Callable[..., Tensor]  # (shape, *, device, dtype, generator) -> Tensor, as in objectives
@@ -59,6 +59,14 @@ def token_losses(targets: Tensor) -> Callable[[Tensor], Tensor]:
     return record
 
 
+def check_random_starts(initial_state: Optional[InitialState], num_candidates: int, noise_scale: float) -> None:
+    """Refuse self-verification that could only compare identical candidates: several starts drawn from a
+    deterministic initial state (``Zeros``) with no noise all follow the same descent."""
+    if num_candidates > 1 and isinstance(initial_state, Zeros) and noise_scale == 0:
+        raise ValueError(f"{num_candidates} candidates from the model's Zeros initial state with no noise would all be "
+                         "identical; add Langevin noise (noise_scale / --noise) or draw the starts with RandomNoise")
+
+
 def think_on_cache(model: nn.Module, cache: ContextCache, num_predictions: int, config: ThinkingConfig, *,
                    num_candidates: int = 1, targets: Optional[Tensor] = None,
                    generator: Optional[torch.Generator] = None,
@@ -68,6 +76,7 @@ def think_on_cache(model: nn.Module, cache: ContextCache, num_predictions: int, 
 
     ``targets [B, num_predictions]`` (optional) records the per-token loss at every step.
     """
+    check_random_starts(initial_state, num_candidates, config.noise_scale)
     batch = cache.batch_size
     expanded = cache.expand(num_candidates) if num_candidates > 1 else cache
     draw = initial_state if initial_state is not None else RandomNoise(1.0)

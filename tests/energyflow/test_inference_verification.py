@@ -66,3 +66,20 @@ def test_trace_selection_at_the_last_step_equals_self_verify():
     torch.testing.assert_close(energies[-1], verified.energies)
     # Selection can only lower the mean energy relative to the candidates' average.
     assert float(energies[-1].mean()) <= float(verified.thinking.energies.mean())
+
+
+def test_self_verification_refuses_identical_candidates_from_a_deterministic_start():
+    import pytest
+
+    from energyflow.objectives.components import Zeros
+
+    model = tiny_text_ebm()
+    tokens = torch.randint(0, 256, (1, 4), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="identical"):
+        think_tokens(model, tokens, ThinkingConfig(num_steps=1, step_size=1.0), num_candidates=2,
+                     initial_state=Zeros())
+    # One candidate, or noise that makes the candidates differ, is fine.
+    think_tokens(model, tokens, ThinkingConfig(num_steps=1, step_size=1.0), initial_state=Zeros())
+    noisy = think_tokens(model, tokens, ThinkingConfig(num_steps=1, step_size=1.0, noise_scale=0.5),
+                         num_candidates=2, initial_state=Zeros(), generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(noisy.thinking.state[0], noisy.thinking.state[1])
