@@ -4,12 +4,11 @@ CPU (default): the three variants -- Transformer++, EBT with the cached context,
 whole-sequence forward (no cache) -- are timed in one process with their steps interleaved round by round,
 so a change in machine load hits all three alike; the median over rounds is reported, with the EBT/TPP
 ratios. Peak memory is measured per variant in a fresh subprocess (peak RSS growth over two steps).
-CUDA (``--device cuda``): the real trainer (bf16 autocast) on each task; the step time is the difference of
-two run lengths divided by the step difference (set-up, validation and checkpoints cancel), with tokens/s
-and peak allocated memory.
+CUDA (``--device cuda``): the real trainer (bf16 autocast) on each task; the median time from one training
+step to the next, tokens/s and peak allocated memory.
 
     python benchmarks/train_step.py                      # CPU, xxs, sequence 256, batch 8, vocabulary 256
-    python benchmarks/train_step.py --device cuda
+    python benchmarks/train_step.py --device cuda --rounds 50
 Writes benchmarks/results/train_step_<device>.json and .md.
 """
 from __future__ import annotations
@@ -154,29 +153,33 @@ def cpu_report(args) -> dict:
 
 
 def cuda_report(args) -> dict:
-    """The trainer itself (bf16 autocast) on CUDA: step time from two run lengths, tokens/s, peak memory."""
+    """The trainer itself (bf16 autocast) on CUDA: median step time, tokens/s, peak allocated memory.
+
+    A step is timed from one ``task.loss`` call to the next (one micro-batch per step), so it includes
+    everything the trainer does per step: forward, backward, clipping, AdamW, metrics and logging.
+    """
     from energyflow.trainer import Trainer
 
     data = text_data(seq_len=args.seq_len)
     report = {}
     for variant in ("transformer_pp", "ebt_cached"):
-        elapsed, peaks = {}, {}
-        for num_steps in (args.warmup + 2, args.warmup + 2 + args.rounds):
-            task = build_task(variant, args.size, args.seq_len)
-            trainer = Trainer(num_steps=num_steps, batch_size=args.batch_size, learning_rate=1e-3, device="cuda",
-                              checkpoint_every=10**9, eval_batches=1, progress=False)
-            torch.cuda.reset_peak_memory_stats()
-            with tempfile.TemporaryDirectory() as out:
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                trainer.fit(task, data, out)
-                torch.cuda.synchronize()
-                elapsed[num_steps] = time.perf_counter() - start
-            peaks[num_steps] = torch.cuda.max_memory_allocated()
-        short, long = sorted(elapsed)
-        seconds = (elapsed[long] - elapsed[short]) / (long - short)
+        task, stamps = build_task(variant, args.size, args.seq_len), []
+        loss = task.loss
+
+        def timed_loss(*loss_args, _loss=loss, _stamps=stamps, **loss_kwargs):
+            torch.cuda.synchronize()
+            _stamps.append(time.perf_counter())
+            return _loss(*loss_args, **loss_kwargs)
+
+        task.loss = timed_loss
+        trainer = Trainer(num_steps=args.warmup + args.rounds + 1, batch_size=args.batch_size, learning_rate=1e-3,
+                          device="cuda", checkpoint_every=10**9, eval_batches=1, progress=False)
+        torch.cuda.reset_peak_memory_stats()
+        with tempfile.TemporaryDirectory() as out:
+            trainer.fit(task, data, out)
+        seconds = statistics.median(b - a for a, b in zip(stamps[args.warmup:], stamps[args.warmup + 1:]))
         report[variant] = {"step_seconds": seconds, "tokens_per_second": args.batch_size * args.seq_len / seconds,
-                           "peak_memory_bytes": max(peaks.values())}
+                           "peak_memory_bytes": torch.cuda.max_memory_allocated()}
     report["ratio_ebt_cached_to_tpp"] = report["ebt_cached"]["step_seconds"] / report["transformer_pp"]["step_seconds"]
     report["device_name"] = torch.cuda.get_device_name()
     return report

@@ -2,8 +2,6 @@
 (golden loss curve for System 1; System 2 trains through the trainer with its replay buffer)."""
 from __future__ import annotations
 
-import io
-
 import gin
 import pytest
 import torch

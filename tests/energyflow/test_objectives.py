@@ -160,7 +160,7 @@ def test_replay_buffer_supplies_initial_states(model, batch):
     objective = EBTObjective(GradientDescent(2.0), num_steps=2, replay_buffer=buffer)
     first = run(objective, model, batch, seed=0)
     assert first.metrics["replayed_fraction"] == 0 and len(buffer) == BATCH
-    inputs, targets, stored = buffer._fields
+    inputs, _, stored = buffer._fields
     torch.testing.assert_close(stored[:BATCH], first.final_state)  # the final states were stored ...
     fresh = torch.zeros(BATCH, LENGTH, VOCAB)
     mixed_inputs, _, mixed_state, count = buffer.mix(*batch, fresh, torch.Generator().manual_seed(0))
