@@ -172,6 +172,50 @@ def benchmark_target(target: Target, settings: dict, variance_coordinates: slice
     ]
 
 
+def profile_transition(num_chains: int = 1024, num_leapfrog_steps: int = 12, repeats: int = 5) -> dict:
+    """Where one batched HMC transition's time goes: energy+gradient calls against everything else
+    (momentum draw, leapfrog updates, accept test, selects), best of ``repeats`` on the rotated Gaussian."""
+    from samplers.energy import energy_and_grad
+    from samplers.hmc import init, step
+
+    target = Gaussian.ill_conditioned(dim=100, condition_number=100.0)
+    generator = torch.Generator().manual_seed(0)
+    state = init(target.initial_state(num_chains, generator), target)
+    step_size, inverse_mass = torch.full((num_chains, 1), 0.05), torch.ones(1, 100)
+
+    def best_seconds(fn: Callable, calls: int) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times.append((time.perf_counter() - start) / calls)
+        return min(times)
+
+    # The energy is timed at fresh states (as in a trajectory), not at one cache-hot state.
+    states = [target.initial_state(num_chains, generator) for _ in range(8)]
+    energy = best_seconds(lambda: [energy_and_grad(target, y) for y in states], 10) / len(states)
+    transition = best_seconds(lambda: step(state, target, step_size=step_size, generator=generator,
+                                           num_leapfrog_steps=num_leapfrog_steps, inverse_mass=inverse_mass,
+                                           step_size_jitter=STEP_SIZE_JITTER), 5)
+    bookkeeping = transition - num_leapfrog_steps * energy
+    return {"chains": num_chains, "num_leapfrog_steps": num_leapfrog_steps, "energy_and_grad_ms": 1e3 * energy,
+            "transition_ms": 1e3 * transition, "bookkeeping_ms": 1e3 * bookkeeping,
+            "bookkeeping_share": bookkeeping / transition, "threads": torch.get_num_threads(),
+            "load_average_1min": os.getloadavg()[0]}
+
+
+def _write_profile(out: Path) -> None:
+    profile = profile_transition()
+    values = (f"{value:.3g}" if isinstance(value, float) else str(value) for value in profile.values())
+    text = f"| {' | '.join(profile)} |\n|{'---|' * len(profile)}\n| {' | '.join(values)} |\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "samplers_profile.json").write_text(json.dumps(profile, indent=2) + "\n")
+    (out / "samplers_profile.md").write_text(text)
+    print(text)
+
+
 def _settings(quick: bool) -> dict:
     if quick:
         small = {"hmc": {"num_chains": 16, "warmup": 20, "num_steps": 20, "target_accept": 0.8},
@@ -225,7 +269,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny settings: checks the script runs")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for samplers.json / samplers.md")
+    parser.add_argument("--profile", action="store_true",
+                        help="only profile one HMC transition (energy+gradient vs bookkeeping): samplers_profile.*")
     args = parser.parse_args()
+    if args.profile:
+        _write_profile(args.out)
+        return
     settings = _settings(args.quick)
     targets = {
         "gaussian_100d_cond100_rotated": (Gaussian.ill_conditioned(dim=100, condition_number=100.0), "gaussian"),

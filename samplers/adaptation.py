@@ -111,7 +111,7 @@ class WarmupAdaptation:
             # One dual-averaging state for all chains, started from their mean step size.
             step_size = step_size.mean(dim=0, keepdim=True)
         self.step_size = step_size  # [C, 1, ...] per chain, [1, 1, ...] shared (or as given, if not adapted)
-        self.inverse_mass = inverse_mass  # [C, *event] or None (identity)
+        self.inverse_mass = inverse_mass  # [C, *event] ([1, *event] once pooled) or None (identity)
         self.target_accept = target_accept
         self.adapt_step_size, self.pooled_mass, self.shared_step_size = adapt_step_size, pooled_mass, shared_step_size
         self.windows = mass_windows(num_warmup) if adapt_mass else []

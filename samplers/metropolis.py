@@ -24,11 +24,11 @@ from samplers.transforms import Transform, check_detailed_balance
 
 
 def metropolis_accept(
-    energy_error: Tensor, new_grad: Tensor, generator: Optional[torch.Generator], max_energy_error: float
+    energy_error: Tensor, new_grad: Optional[Tensor], generator: Optional[torch.Generator], max_energy_error: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-chain accept test for ``energy_error`` = -log(acceptance ratio) [C].
 
-    Divergent chains (non-finite error or gradient, or an error above ``max_energy_error``) get
+    Divergent chains (non-finite error or ``new_grad``, if given, or an error above ``max_energy_error``) get
     acceptance probability 0 and are always rejected; the other chains are unaffected. Their energy error
     is recorded as +inf, so ``acceptance_prob == exp(-max(energy_error, 0))`` holds for every transition
     and a thinning block's mean error is +inf (never NaN) when the block holds a divergence.
@@ -54,7 +54,7 @@ class MetropolisInfo(NamedTuple):
     accepted: Tensor
     divergent: Tensor
     step_size: Tensor
-    energy_error: Tensor  # -log(acceptance ratio); for HMC the Hamiltonian's error
+    energy_error: Tensor  # -log(acceptance ratio); for HMC the Hamiltonian's error; +inf if divergent
 
 
 class Tuning(NamedTuple):
