@@ -81,6 +81,11 @@ class LinearLabelSmoothing:
         return self.start + (self.end - self.start) * fraction
 
 
+def _at_least_float32(x: Tensor) -> Tensor:
+    """Losses in float32 (bf16 states under autocast) or float64 (kept for float64 gradient checks)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 class CrossEntropy:
     """Task loss for a state of logits [B, S, V] against token targets [B, S] (mean over positions)."""
 
@@ -97,7 +102,7 @@ class CrossEntropy:
                 f"CrossEntropy expects logits [B, S, V] and targets [B, S]; got {tuple(state.shape)} and "
                 f"{tuple(target.shape)}"
             )
-        logits = state.float().flatten(0, -2)
+        logits = _at_least_float32(state).flatten(0, -2)
         return F.cross_entropy(logits, target.flatten(), label_smoothing=label_smoothing)
 
     def target_state(self, target: Tensor, like: Tensor) -> Tensor:
@@ -128,7 +133,7 @@ class SmoothL1(_RegressionLoss):
 
     def __call__(self, state: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
         self._check(state, target, label_smoothing)
-        return F.smooth_l1_loss(state.float(), target.float(), beta=self.beta)
+        return F.smooth_l1_loss(_at_least_float32(state), _at_least_float32(target), beta=self.beta)
 
 
 class MeanSquaredError(_RegressionLoss):
@@ -136,4 +141,4 @@ class MeanSquaredError(_RegressionLoss):
 
     def __call__(self, state: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
         self._check(state, target, label_smoothing)
-        return F.mse_loss(state.float(), target.float())
+        return F.mse_loss(_at_least_float32(state), _at_least_float32(target))

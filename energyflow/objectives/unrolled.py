@@ -169,7 +169,8 @@ class EBTObjective(nn.Module):
     def _start(self, model: nn.Module, inputs: Tensor, targets: Tensor, generator: Optional[torch.Generator],
                training: bool) -> tuple[Tensor, Tensor, Tensor, int]:
         """y_0 for every row; in training part of the batch comes from the replay buffer (with its contexts)."""
-        state = self.initial_state(model.candidate_shape(targets), device=targets.device, dtype=torch.float32,
+        dtype = next(model.parameters()).dtype  # the state in the weights' precision (fp32 under bf16 autocast)
+        state = self.initial_state(model.candidate_shape(targets), device=targets.device, dtype=dtype,
                                    generator=generator)
         if training and self.replay_buffer is not None:
             return self.replay_buffer.mix(inputs, targets, state, generator)

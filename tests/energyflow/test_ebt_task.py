@@ -1,6 +1,9 @@
 """The EBT text task: the trainer interface, parameter groups, checkpointed replay state, the debug recipes
-(golden loss curve for System 1; System 2 trains through the trainer with its replay buffer)."""
+(golden loss curve for System 1; System 2 trains through the trainer with its replay buffer and resumes
+bit-exactly)."""
 from __future__ import annotations
+
+import shutil
 
 import gin
 import pytest
@@ -106,9 +109,16 @@ def test_system1_debug_recipe_golden_loss_curve(tmp_path):
     assert len(losses) == 6 and {"loss_step_1", "loss_step_2", "energy_gap"} <= set(result.history[0])
 
 
-def test_system2_debug_recipe_trains_with_replay_and_noise(tmp_path):
+def test_system2_debug_recipe_trains_and_resumes_bit_exactly(tmp_path):
+    """Replay buffer, randomized step counts, randomized step sizes and Langevin noise all resume exactly."""
     result = _train_recipe("experiments/ebt_system2_debug.gin", tmp_path / "s2")
     history = result.history
     assert len(history) == 6 and history[0]["replayed_fraction"] == 0.0 and history[-1]["replayed_fraction"] == 0.5
     assert {entry["num_steps"] for entry in history} <= {2.0, 3.0} and history[0]["langevin_noise"] == 3.0
     assert len(result.task.objective.replay_buffer) == 8
+    resumed_dir = tmp_path / "resumed"
+    (resumed_dir / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "s2" / "checkpoints" / "step_00000003.pt", resumed_dir / "checkpoints")
+    resumed = _train_recipe("experiments/ebt_system2_debug.gin", resumed_dir)
+    assert [entry["step"] for entry in resumed.history] == [4.0, 5.0, 6.0]
+    assert [entry["loss"] for entry in resumed.history] == [entry["loss"] for entry in history[3:]]

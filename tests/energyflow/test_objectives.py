@@ -218,3 +218,34 @@ def test_continuous_candidates_learn_with_a_regression_loss(loss):
         losses.append(float(out.metrics["final_loss"]))
     assert losses[-1] < 0.8 * losses[0]
     torch.testing.assert_close(loss_fn.target_state(targets, inputs), targets)
+
+
+def test_outer_gradient_matches_finite_differences_in_float64():
+    """d loss / d (step size, a weight) through two unrolled steps (second order) against central differences.
+
+    Without detaching between steps the outer gradient is the exact derivative of the loss (with detaching it
+    is, by design, a truncated one).
+
+    float64 with eps 1e-6: truncation ~ eps^2 and rounding ~ 1e-16 / eps, so 1e-5 relative is tight; a dropped
+    second-order term (a fused attention kernel, a detached gradient) changes the derivative by far more.
+    """
+    torch.manual_seed(0)
+    model = TextEBM(EBT(TransformerConfig(dim=16, num_layers=1, num_heads=2, max_seq_len=4)), 8).double()
+    objective = EBTObjective(GradientDescent(3.0, learnable=True), num_steps=2, detach_between_steps=False).double()
+    tokens = torch.randint(0, 8, (2, 5), generator=torch.Generator().manual_seed(1))
+    weight = model.candidate.projection.weight
+    parameters = [objective.sampler.step_size, weight]
+
+    def loss() -> torch.Tensor:
+        return objective(model, tokens[:, :-1], tokens[:, 1:], generator=torch.Generator().manual_seed(2)).loss
+
+    analytic = torch.autograd.grad(loss(), parameters)
+    eps = 1e-6
+    for parameter, grad, index in ((parameters[0], analytic[0], ()), (weight, analytic[1], (3, 5))):
+        with torch.no_grad():
+            parameter[index] += eps
+            plus = float(loss())
+            parameter[index] -= 2 * eps
+            minus = float(loss())
+            parameter[index] += eps
+        assert float(grad[index]) == pytest.approx((plus - minus) / (2 * eps), rel=1e-5, abs=1e-9)
