@@ -4,6 +4,8 @@ the same way).
     energyflow train recipes/experiments/transformer_pp_debug.gin --bind "SIZE = '3xs'" --out runs/tpp
     energyflow eval runs/tpp
     energyflow recipes
+    energyflow generate runs/ebt --prompt "The list" --max-new 64       # see docs/inference.md
+    energyflow think runs/ebt --baseline runs/tpp --steps 1,2,4,8,16 --samples 1,4,16
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from energyflow.checkpoint import CheckpointError
 from energyflow.config import RecipeError, list_recipes, parse_recipe
 from energyflow.evaluation import step_counts
 from energyflow.experiment import comparison_table, evaluate_steps, load_run
+from energyflow.inference.commands import add_commands as add_inference_commands
 from energyflow.trainer import TrainingDiverged
 
 
@@ -77,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     recipes = commands.add_parser("recipes", help="list the recipes", description=(
         "List every recipe under the recipes root with the first comment line of the file."))
     recipes.set_defaults(handler=_recipes)
+    add_inference_commands(commands)  # generate, think (energyflow/inference/commands.py)
     return parser
 
 

@@ -19,6 +19,7 @@ class DistContext:
     world_size: int
     local_rank: int
     device: torch.device
+    owns_group: bool = False  # ``setup`` created the process group, so ``shutdown`` destroys it
 
     @property
     def is_main(self) -> bool:
@@ -47,11 +48,28 @@ def setup(device: str = "auto") -> DistContext:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     resolved = resolve_device(device, local_rank)
-    if world_size > 1 and not dist.is_initialized():
+    owns_group = world_size > 1 and not dist.is_initialized()
+    if owns_group:
         if resolved.type == "cuda":
             torch.cuda.set_device(resolved)
         dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
-    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=resolved)
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=resolved,
+                       owns_group=owns_group)
+
+
+def shutdown(context: DistContext, *, synchronize: bool) -> None:
+    """Destroy the process group ``setup`` created (a no-op otherwise).
+
+    ``synchronize`` (a run that ended normally on every rank) first waits at a barrier, so that no rank tears
+    down its gloo connections while another is still inside a collective or writing (a peer vanishing under gloo's
+    I/O threads can abort a rank at exit: "terminate called without an active exception").
+    After a rank-local error there is no barrier (the other ranks may never reach it).
+    """
+    if not (context.owns_group and dist.is_initialized()):
+        return
+    if synchronize:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def all_reduce_mean(values: Tensor, context: DistContext) -> Tensor:

@@ -59,7 +59,10 @@ def _seed_for(seed: int, step: int, micro: int, rank: int) -> int:
 class Trainer:
     """Training settings; ``fit`` runs them. ``batch_size`` is the *global* batch in sequences per optimizer
     step: ``world_size * accumulation_steps * micro_batch``. ``lr_multipliers`` maps parameter-name globs to
-    learning-rate multipliers (merged over the task's own). ``eval_every=0`` validates only at the end."""
+    learning-rate multipliers (merged over the task's own). ``eval_every=0`` validates only at the end.
+    ``num_threads``: CPU threads for intra-op parallelism (``torch.set_num_threads``), set when ``fit`` starts
+    and left so for the process; ``None`` keeps torch's default. On a loaded, shared CPU fewer threads than
+    cores can be faster (each op's threads wait on the slowest)."""
 
     def __init__(self, *, num_steps: int, batch_size: int, learning_rate: float, accumulation_steps: int = 1,
                  warmup_steps: int = 0, min_lr_ratio: float = 0.1, weight_decay: float = 0.01,
@@ -67,12 +70,14 @@ class Trainer:
                  lr_multipliers: Optional[Mapping[str, float]] = None, checkpoint_every: int = 1000,
                  keep_checkpoints: int = 3, eval_every: int = 0, eval_batches: int = 8,
                  eval_batch_size: Optional[int] = None, seed: int = 0, device: str = "auto",
-                 progress: bool = True, resume: bool = True) -> None:
+                 progress: bool = True, resume: bool = True, num_threads: Optional[int] = None) -> None:
         for name, value in (("num_steps", num_steps), ("batch_size", batch_size), ("eval_batches", eval_batches),
                             ("checkpoint_every", checkpoint_every), ("keep_checkpoints", keep_checkpoints),
                             ("accumulation_steps", accumulation_steps)):
             if value < 1:
                 raise ValueError(f"Trainer.{name} must be >= 1, got {value}")
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"Trainer.num_threads must be None (torch's default) or >= 1, got {num_threads}")
         if not 0.0 <= min_lr_ratio <= 1.0 or learning_rate <= 0 or warmup_steps < 0 or eval_every < 0:
             raise ValueError("need learning_rate > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0, eval_every >= 0; "
                              f"got {learning_rate}, {min_lr_ratio}, {warmup_steps}, {eval_every}")
@@ -83,6 +88,7 @@ class Trainer:
         self.checkpoint_every, self.keep_checkpoints = checkpoint_every, keep_checkpoints
         self.eval_every, self.eval_batches, self.eval_batch_size = eval_every, eval_batches, eval_batch_size
         self.seed, self.device, self.progress, self.resume = seed, device, progress, resume
+        self.num_threads = num_threads
 
     def micro_batch(self, world_size: int) -> int:
         per_step = world_size * self.accumulation_steps
@@ -109,11 +115,18 @@ class Trainer:
         ``config`` is written to ``config.gin`` now; ``operative_config()`` to ``operative_config.gin`` after
         the first step; both go into every checkpoint along with the gin ``scope`` of this run.
         """
+        if self.num_threads is not None:
+            torch.set_num_threads(self.num_threads)
         run = _Run(self, task, data, Path(out_dir), config, operative_config, scope)
+        completed = False
         try:
-            return run.execute()
+            result = run.execute()
+            completed = True
+            return result
         finally:
             run.monitor.close(run.final)
+            run.model = task  # release DDP (its reducer holds the process group) before the group goes
+            distributed.shutdown(run.context, synchronize=completed)
 
 
 def _wrap_ddp(task: Task, device: torch.device) -> DistributedDataParallel:

@@ -11,6 +11,9 @@ cannot silently drop the graph); steps outside that window run under ``torch.no_
 Each state caches its energy and gradient, evaluated once when the state is created; it is evaluated with
 ``create_graph=True`` iff the *next* step keeps a graph, so every step costs exactly one energy forward
 and one backward, and the last state (whose gradient no step uses) costs one forward only.
+That forward builds a graph only if ``final_energy_graph`` (the default) asks for one: a loss on the states
+alone (the EBT objective) passes ``False``, which runs it under ``torch.no_grad`` (no saved activations, and
+the energy model may pick a fused, forward-only attention kernel) while the last state keeps its graph.
 """
 from __future__ import annotations
 
@@ -192,11 +195,16 @@ class Sampler(nn.Module):
         differentiable: bool = False,
         truncate: Optional[int] = None,
         detach_between_steps: bool = False,
+        final_energy_graph: bool = True,
     ) -> Trajectory:
         """Run ``warmup`` + ``num_steps`` steps from ``y0`` [C, *event]; keep every ``thin``-th sampling state.
 
         ``differentiable=True`` keeps the graph (states carry it); ``truncate=k`` keeps it only for the last
         k steps; ``detach_between_steps=True`` adds a ``Detach`` transform (see ``samplers.transforms``).
+        ``final_energy_graph=False`` (read in differentiable mode only) evaluates the energy of the last state y_T
+        without a graph: ``energies[-1]`` is then a constant, and a loss that needs E(y_T) must keep the
+        default ``True`` (a term built on it would otherwise get no gradient). A loss on the states alone
+        saves one graph-building energy forward per run with ``False``.
         """
         if differentiable and not self.supports_differentiable:
             raise ValueError(
@@ -217,14 +225,28 @@ class Sampler(nn.Module):
         recorder = Recorder(y0, num_steps, thin, keep_graph=differentiable)
         for index in range(total):
             ctx = StepContext(index, total, generator, keeps_graph(index + 1), index < total - 1)
+            # The last transition of GradientDescent/Langevin (the only differentiable samplers) evaluates the
+            # energy at y_T alone (need_grad=False), never a gradient: no_grad there drops only E(y_T)'s graph.
+            drop_graph = differentiable and not final_energy_graph and not ctx.need_grad
+            step_energy_fn = without_graph(energy_fn) if drop_graph else energy_fn
             with torch.enable_grad() if keeps_graph(index) else torch.no_grad():
-                state, info = self._transition(state, energy_fn, transforms, tuning, ctx)
+                state, info = self._transition(state, step_energy_fn, transforms, tuning, ctx)
             if index < warmup:
                 tuning = self._adapt(tuning, index, warmup, state, info)
                 recorder.record_warmup(info)
             else:
                 recorder.record(index - warmup, state, info)
         return recorder.trajectory(self._adapted(tuning, y0))
+
+
+def without_graph(energy_fn: EnergyFn) -> EnergyFn:
+    """``energy_fn`` evaluated under ``torch.no_grad`` (for a last state whose energy no loss uses)."""
+
+    def energy_without_graph(y: Tensor) -> Tensor:
+        with torch.no_grad():
+            return energy_fn(y)
+
+    return energy_without_graph
 
 
 def check_run_args(

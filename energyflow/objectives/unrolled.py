@@ -154,6 +154,7 @@ class EBTObjective(nn.Module):
             energy_fn, state, num_steps=count, generator=generator, differentiable=training,
             truncate=self.truncate if training else None,
             detach_between_steps=self.detach_between_steps and training,
+            final_energy_graph=False,  # the loss reads the states only (the contrastive term re-scores sg(y_K))
         )
         step_losses = [self.loss_fn(trajectory.states[k], targets, self._smoothing(k, count)) for k in range(count)]
         loss = step_losses[-1] if self.loss_on_last_step_only else torch.stack(step_losses).mean()

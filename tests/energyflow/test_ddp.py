@@ -39,12 +39,19 @@ def test_two_processes_match_one(tmp_path):
     gin.clear_config()
     double = tmp_path / "double"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-               "energyflow.cli", "train", "experiments/transformer_pp_debug.gin", "--out", str(double),
+    logs = tmp_path / "rank_logs"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "--log-dir", str(logs), "--redirects", "3", "-m", "energyflow.cli", "train",
+               "experiments/transformer_pp_debug.gin", "--out", str(double),
                *(arg for b in BINDINGS for arg in ("--bind", b))]
     completed = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    # torchrun exits 0 only if every rank did; its summary names a failed rank's exit code (e.g. -6, SIGABRT)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert "Warning:" not in completed.stderr, completed.stderr[-3000:]  # e.g. deprecated DDP arguments
+    rank_errors = {path.parent.name: path.read_text() for path in logs.rglob("stderr.log")}
+    assert sorted(rank_errors) == ["0", "1"], rank_errors
+    for rank, stderr in rank_errors.items():  # a rank that aborts at exit after training prints this
+        for sign in ("terminate called", "Traceback", "Warning:"):  # Warning: e.g. deprecated DDP arguments
+            assert sign not in stderr, f"rank {rank}: {stderr[-3000:]}"
     one, two = _history(single), _history(double)
     assert [e["step"] for e in two] == [1, 2, 3]  # only rank 0 writes
     # Same global batch, split 2 + 2 instead of 4: equal up to float32 summation order.

@@ -122,3 +122,22 @@ def test_system2_debug_recipe_trains_and_resumes_bit_exactly(tmp_path):
     resumed = _train_recipe("experiments/ebt_system2_debug.gin", resumed_dir)
     assert [entry["step"] for entry in resumed.history] == [4.0, 5.0, 6.0]
     assert [entry["loss"] for entry in resumed.history] == [entry["loss"] for entry in history[3:]]
+
+
+def test_double_converts_the_samplers_step_sizes_and_noise():
+    """The samplers (training and evaluation) are submodules of the task: ``.double()`` / ``.to()`` move their
+    learnable step size (shared by both) and a learnable noise scale with the weights, and
+    a float64 training step then computes its loss and step-size gradient in float64."""
+    torch.manual_seed(0)
+    model = TextEBM(EBT(TransformerConfig(dim=16, num_layers=1, num_heads=2, max_seq_len=8)), 256)
+    sampler = GradientDescent(20.0, learnable=True, transforms=[LangevinNoise(0.1, learnable=True)])
+    objective = EBTObjective(sampler, eval_sampler=GradientDescent(5.0), num_steps=2)
+    task = EBTLanguageModelTask(model, objective).double()
+    noise = sampler.transforms[0].scale
+    assert sampler.step_size.dtype == noise.dtype == objective.eval_sampler.step_size.dtype == torch.float64
+    assert objective.eval_sampler.step_size is sampler.step_size
+    loss, _ = task.loss(tiny_batch(), step=0, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert loss.dtype == sampler.step_size.grad.dtype == noise.grad.dtype == torch.float64
+    task.to(torch.float32)
+    assert sampler.step_size.dtype == noise.dtype == objective.eval_sampler.step_size.dtype == torch.float32

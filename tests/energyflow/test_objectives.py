@@ -182,6 +182,24 @@ def test_evaluation_has_no_graph_and_uses_the_eval_sampler(model, batch):
     assert out.metrics["step_size"] == 2.0
 
 
+def test_final_state_energy_is_scored_without_a_graph(model, batch, monkeypatch):
+    """The loss reads the states only, so training scores y_K under no_grad (one graph-free forward); the
+    ``final_energy`` metric still equals E(y_K) recomputed (up to the fused vs math attention kernel)."""
+    grad_modes, energy = [], model.energy
+
+    def recording_energy(context, candidate):
+        grad_modes.append(torch.is_grad_enabled())
+        return energy(context, candidate)
+
+    monkeypatch.setattr(model, "energy", recording_energy)
+    out = run(EBTObjective(GradientDescent(2.0, learnable=True), num_steps=3), model, batch)
+    assert grad_modes == [True, True, True, False]  # y_0, y_1, y_2 with a graph; y_3 without
+    assert out.loss.requires_grad
+    with torch.no_grad():
+        final_energy = energy(model.encode(batch[0]), out.final_state).mean()
+    torch.testing.assert_close(out.metrics["final_energy"], final_energy, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_configuration_is_named():
     with pytest.raises(ValueError, match="regression loss"):
         from energyflow.objectives import SmoothL1

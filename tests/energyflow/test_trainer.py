@@ -186,3 +186,32 @@ def test_task_extra_state_is_checkpointed_and_restored(tmp_path, make_task, make
     resumed = _Counting(make_task().model)
     make_trainer(num_steps=5).fit(resumed, tiny_data, tmp_path)
     assert resumed.seen == 5 * 4
+
+
+class _ThreadsSeen(LanguageModelTask):
+    """The real task, recording how many intra-op threads each training step runs with."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.threads_seen = []
+
+    def loss(self, batch, *, step, generator):
+        self.threads_seen.append(torch.get_num_threads())
+        return super().loss(batch, step=step, generator=generator)
+
+
+def test_num_threads_is_applied_when_training_starts(tmp_path, make_task, make_trainer, tiny_data):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        task = _ThreadsSeen(make_task().model)
+        make_trainer(num_steps=2, num_threads=1).fit(task, tiny_data, tmp_path / "one")
+        assert task.threads_seen == [1, 1]
+        torch.set_num_threads(2)
+        task = _ThreadsSeen(make_task().model)
+        make_trainer(num_steps=2).fit(task, tiny_data, tmp_path / "default")  # None leaves torch's setting
+        assert task.threads_seen == [2, 2]
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="num_threads"):
+        make_trainer(num_threads=0)

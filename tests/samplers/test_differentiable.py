@@ -157,3 +157,47 @@ def test_non_differentiable_run_builds_no_graph():
     energy, sampler = QuarticEnergy(), GradientDescent(0.1, learnable=True).double()
     trace = sampler.run(energy, Y0, num_steps=3)
     assert not trace.states.requires_grad and not trace.energies.requires_grad
+
+
+@pytest.mark.parametrize("sampler_class", [GradientDescent, Langevin])
+def test_final_energy_graph_false_drops_only_the_last_energys_graph(sampler_class):
+    """``final_energy_graph=False``: E(y_T) is evaluated under no_grad (the energy function sees grad mode off
+    once, on the last call) and carries no graph; the states, the other energies and every gradient of a loss
+    on the states are exactly those of the default run."""
+    energy = QuarticEnergy()
+    grad_modes = []
+
+    def energy_fn(y):
+        grad_modes.append(torch.is_grad_enabled())
+        return energy(y)
+
+    def run(final_energy_graph):
+        sampler = sampler_class(0.05).double()
+        generator = torch.Generator().manual_seed(3)
+        trace = sampler.run(energy_fn, Y0, num_steps=3, differentiable=True, generator=generator,
+                            final_energy_graph=final_energy_graph)
+        loss = (trace.states - TARGET).square().sum()
+        return trace, torch.autograd.grad(loss, list(energy.parameters()), retain_graph=True)
+
+    (default, default_grads), calls = run(True), len(grad_modes)
+    lean, lean_grads = run(False)
+    assert grad_modes[:calls] == [True] * calls and grad_modes[calls:] == [True] * (calls - 1) + [False]
+    def last_energy_grad(trace):  # a stacked row always has a grad_fn: ask what reaches the parameters
+        grads = torch.autograd.grad(trace.energies[-1].sum(), list(energy.parameters()), allow_unused=True,
+                                    retain_graph=True)
+        return sum(0.0 if g is None else float(g.abs().sum()) for g in grads)
+
+    assert last_energy_grad(default) > 0 and last_energy_grad(lean) == 0.0
+    torch.testing.assert_close(lean.states, default.states, rtol=0, atol=0)
+    torch.testing.assert_close(lean.energies, default.energies, rtol=0, atol=0)
+    for lean_grad, default_grad in zip(lean_grads, default_grads):
+        torch.testing.assert_close(lean_grad, default_grad, rtol=0, atol=0)
+
+
+def test_final_energy_graph_default_keeps_a_loss_on_the_last_energy():
+    """By default a loss on E(y_T) reaches the energy's parameters through y_T (matches the hand-unrolled loop)."""
+    energy = QuarticEnergy()
+    trace = GradientDescent(0.05).double().run(energy, Y0, num_steps=2, differentiable=True)
+    got = torch.autograd.grad(trace.energies[-1].sum(), energy.center)[0]
+    expected = torch.autograd.grad(energy(hand_unrolled(energy, 0.05, 2)[-1]).sum(), energy.center)[0]
+    torch.testing.assert_close(got, expected)
