@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from architectures.heads import LinearEnergyHead, reinit_heads
-from architectures.layers import TransformerBlock, attention_with_self, causal_mask, init_linear, modulate, zero_init
+from architectures.layers import (TransformerBlock, attention_bias, attention_with_self, causal_mask, init_linear,
+                                  modulate, softmax_dtype, zero_init)
 from architectures.transformer import TransformerConfig, build_blocks
 
 StepIndex = Union[int, Tensor, None]
@@ -128,7 +129,8 @@ class EBT(nn.Module):
 
     def _encode_layers(self, x: Tensor, positions: Tensor,
                        cache: Optional[ContextCache]) -> tuple[list[Tensor], list[Tensor]]:
-        mask = causal_mask(x.shape[1], x.shape[1] + (cache.keys[0].shape[2] if cache else 0), x.device)
+        mask = attention_bias(causal_mask(x.shape[1], x.shape[1] + (cache.keys[0].shape[2] if cache else 0),
+                                          x.device), softmax_dtype(x))
         keys, values = [], []
         last = len(self.blocks) - 1
         for index, block in enumerate(self.blocks):
@@ -154,7 +156,8 @@ class EBT(nn.Module):
                              "last S context positions, so S must be <= the context length")
         modulations = self._modulations(step_index, predicted)
         positions = torch.arange(length - num_pred + 1, length + 1, device=predicted.device)
-        mask = causal_mask(num_pred, cache.keys[0].shape[2], predicted.device)
+        mask = attention_bias(causal_mask(num_pred, cache.keys[0].shape[2], predicted.device),
+                              softmax_dtype(predicted))
         h = predicted
         for index, block in enumerate(self.blocks):
             h = _prediction_block(block, h, cache.keys[index], cache.values[index], positions, mask,
@@ -181,7 +184,7 @@ class EBT(nn.Module):
         else:
             modulations = self._modulations(step_index, predicted)
         positions = positions.to(real.device)
-        mask = _two_stream_mask(prefix, length, real.device)
+        mask = attention_bias(_two_stream_mask(prefix, length, real.device), softmax_dtype(stream))
         for index, block in enumerate(self.blocks):
             mod = _pad_rows(modulations[index], prefix + length, length) if modulations else None
             stream, _ = block(stream, positions, mask, modulation=mod)
@@ -242,8 +245,10 @@ def _prediction_block(block: TransformerBlock, h: Tensor, k_ctx: Tensor, v_ctx: 
                       mask: Tensor, modulation: Optional[Modulation]) -> Tensor:
     """One block on the prediction stream ``h [B,S,D]``: attend to the cached context and to itself."""
     shift_a, scale_a, shift_f, scale_f = modulation if modulation is not None else (None,) * 4
-    q, k, v = block.attn.project(modulate(block.attn_norm(h), shift_a, scale_a), positions)
-    h = h + block.attn.merge(attention_with_self(q, k_ctx, v_ctx, k, v, mask))
+    q, k, v = block.attn.split_heads(modulate(block.attn_norm(h), shift_a, scale_a))
+    # Prediction i's query and its own key share position i + 1, so the self-score needs no rotation.
+    rotated_q = block.attn.rope(q, positions)
+    h = h + block.attn.merge(attention_with_self(rotated_q, k_ctx, v_ctx, k, v, mask, q_self=q))
     return h + block.ffn(modulate(block.ffn_norm(h), shift_f, scale_f))
 
 

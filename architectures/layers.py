@@ -1,7 +1,10 @@
 """Shared Transformer building blocks: RMSNorm, rotary embeddings, SwiGLU, attention, init helpers.
 
 Shapes: ``B`` batch, ``T``/``S`` sequence, ``D`` width, ``H`` heads, ``Dh = D // H`` head width.
-Attention masks are boolean with ``True`` = "may attend", broadcastable to ``[B, H, Tq, Tk]``.
+Attention masks are boolean with ``True`` = "may attend", or the equivalent additive float bias (``0`` /
+``-inf``, from :func:`attention_bias`), broadcastable to ``[B, H, Tq, Tk]``. Models convert their mask to a
+bias once per forward: the bias then rides along in the score GEMM (``baddbmm``) instead of a separate
+``masked_fill`` over every layer's ``[B, H, Tq, Tk]`` scores.
 
 Second-order gradients: PyTorch's fused ``scaled_dot_product_attention`` kernels have no double backward
 (some drop second-order terms silently). :func:`attention` therefore runs plain matmul + float32 softmax
@@ -88,46 +91,83 @@ def select_backend(backend: AttentionBackend, *tensors: Tensor) -> Literal["math
     return backend
 
 
+def attention_bias(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Boolean mask (True = attend) -> additive bias of ``dtype``: ``0`` where allowed, ``-inf`` elsewhere."""
+    if mask.dtype != torch.bool:
+        raise ValueError(f"attention_bias needs a boolean mask (True = attend), got {mask.dtype}")
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
 def attention(
     q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, *, backend: AttentionBackend = "auto"
 ) -> Tensor:
     """Scaled dot-product attention ``q [B,H,Tq,Dh], k/v [B,H,Tk,Dh] -> [B,H,Tq,Dh]``.
 
-    ``mask`` is boolean (True = attend). ``backend="auto"`` picks the double-differentiable math path when a
-    graph is being built and the fused kernel otherwise; ``"math"``/``"fused"`` force one.
+    ``mask`` is boolean (True = attend) or an additive float bias. ``backend="auto"`` picks the
+    double-differentiable math path when a graph is being built and the fused kernel otherwise;
+    ``"math"``/``"fused"`` force one.
     """
     if select_backend(backend, q, k, v) == "fused":
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.to(q.dtype)  # the fused kernel wants a float bias in the query's dtype
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    scores = _scores(q, k)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+    scores = _scores(q, k, _as_bias(mask, q))
     return torch.softmax(scores, dim=-1).to(v.dtype) @ v
 
 
 def attention_with_self(
-    q: Tensor, k_ctx: Tensor, v_ctx: Tensor, k_self: Tensor, v_self: Tensor, ctx_mask: Tensor
+    q: Tensor, k_ctx: Tensor, v_ctx: Tensor, k_self: Tensor, v_self: Tensor, ctx_mask: Tensor, *,
+    q_self: Optional[Tensor] = None,
 ) -> Tensor:
     """Each query attends to a shared context (under ``ctx_mask``) and to its own key only.
 
-    ``q, k_self, v_self [B,H,S,Dh]``, ``k_ctx, v_ctx [B,H,L,Dh]``, ``ctx_mask [S, L]``. One softmax over the
-    ``L`` context scores plus the diagonal self-score: ``O(S*L)`` work instead of a ``2S x 2S`` attention.
-    Always the math path: callers differentiate it (w.r.t. the candidate, often twice).
+    ``q, k_self, v_self [B,H,S,Dh]``, ``k_ctx, v_ctx [B,H,L,Dh]``, ``ctx_mask [S, L]`` (boolean or additive
+    bias). One softmax over the ``L`` context scores plus the diagonal self-score: ``O(S*L)`` work instead of a
+    ``2S x 2S`` attention. Always the math path: callers differentiate it (w.r.t. the candidate, often twice).
+    ``q_self`` (default ``q``) is the query of the self-score ``q_self . k_self``: RoPE rotates a query and
+    its own key by the same angle, which cancels in their dot product, so both may be passed unrotated.
     """
-    ctx_scores = _scores(q, k_ctx).masked_fill(~ctx_mask, float("-inf"))  # [B,H,S,L]
-    self_scores = _scores_diagonal(q, k_self)  # [B,H,S,1]
-    probs = torch.softmax(torch.cat((ctx_scores, self_scores), dim=-1), dim=-1).to(v_ctx.dtype)
-    return probs[..., :-1] @ v_ctx + probs[..., -1:] * v_self
+    ctx_scores = _scores(q, k_ctx, _as_bias(ctx_mask, q))  # [B,H,S,L]
+    self_scores = _scores_diagonal(q if q_self is None else q_self, k_self)  # [B,H,S,1]
+    # The softmax over [context, self] written out, so the [B,H,S,L] scores are never concatenated with the
+    # self column nor sliced apart again. The shift is any per-row constant: detaching it is exact (the
+    # output does not depend on it) and including the finite self-score keeps fully masked rows finite.
+    shift = torch.maximum(ctx_scores.amax(-1, keepdim=True), self_scores).detach()
+    ctx_weights, self_weights = torch.exp(ctx_scores - shift), torch.exp(self_scores - shift)
+    total = ctx_weights.sum(-1, keepdim=True) + self_weights
+    mixed = ctx_weights.to(v_ctx.dtype) @ v_ctx + self_weights.to(v_self.dtype) * v_self
+    return mixed / total.to(mixed.dtype)
 
 
-def _scores(q: Tensor, k: Tensor) -> Tensor:
+def softmax_dtype(q: Tensor) -> torch.dtype:
+    """The dtype of attention logits and biases for inputs like ``q``."""
     # float32 (or float64) logits: the softmax is the numerically fragile part under low precision.
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return (q @ k.transpose(-2, -1)).to(dtype) * (1.0 / math.sqrt(q.shape[-1]))
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _as_bias(mask: Optional[Tensor], q: Tensor) -> Optional[Tensor]:
+    if mask is None:
+        return None
+    dtype = softmax_dtype(q)
+    return attention_bias(mask, dtype) if mask.dtype == torch.bool else mask.to(dtype)
+
+
+def _scores(q: Tensor, k: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``bias + q k^T / sqrt(Dh)`` in the softmax dtype, ``[B,H,Tq,Tk]``."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    fusable = (q.dtype == softmax_dtype(q) and q.shape[:-2] == k.shape[:-2]
+               and (bias is None or bias.dim() <= 2))
+    if not fusable:  # low-precision inputs or a per-batch bias: matmul, upcast, then scale and mask
+        scores = (q @ k.transpose(-2, -1)).to(softmax_dtype(q)) * scale
+        return scores if bias is None else scores + bias
+    # One GEMM does the scaling and the masking; no extra pass over the [B,H,Tq,Tk] scores.
+    q3, k3 = q.reshape(-1, *q.shape[-2:]), k.reshape(-1, *k.shape[-2:]).transpose(1, 2)
+    scores = torch.bmm(q3 * scale, k3) if bias is None else torch.baddbmm(bias, q3, k3, alpha=scale)
+    return scores.view(*q.shape[:-1], k.shape[-2])
 
 
 def _scores_diagonal(q: Tensor, k: Tensor) -> Tensor:
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return (q * k).sum(-1, keepdim=True).to(dtype) * (1.0 / math.sqrt(q.shape[-1]))
+    return (q * k).sum(-1, keepdim=True).to(softmax_dtype(q)) * (1.0 / math.sqrt(q.shape[-1]))
 
 
 def causal_mask(num_queries: int, num_keys: int, device: torch.device | None = None) -> Tensor:
@@ -151,11 +191,15 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(dim, dim, bias=False)
         self.rope = RotaryEmbedding(dim // num_heads, rope_theta)
 
-    def project(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``x [B,T,D]`` -> rotated ``q, k`` and ``v``, each ``[B,H,T,Dh]``."""
+    def split_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``x [B,T,D]`` -> ``q, k, v``, each ``[B,H,T,Dh]``, before any rotation."""
         batch, length, dim = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, dim // self.num_heads).unbind(2)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def project(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``x [B,T,D]`` -> rotated ``q, k`` and ``v``, each ``[B,H,T,Dh]``."""
+        q, k, v = self.split_heads(x)
         return self.rope(q, positions), self.rope(k, positions), v
 
     def merge(self, heads: Tensor) -> Tensor:

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from architectures.heads import LMHead
-from architectures.layers import AttentionBackend, InitScheme, TransformerBlock, causal_mask, init_linear
+from architectures.layers import (AttentionBackend, InitScheme, TransformerBlock, attention_bias, causal_mask,
+                                  init_linear, softmax_dtype)
 
 # (layers, heads, width), named as in the paper.
 PRESETS: dict[str, tuple[int, int, int]] = {
@@ -120,7 +121,7 @@ class TransformerPP(nn.Module):
             raise ValueError(f"sequence length {offset + length} exceeds max_seq_len={self.config.max_seq_len}; "
                              "raise max_seq_len in the config or start a new cache")
         positions = torch.arange(offset, offset + length, device=x.device)
-        mask = causal_mask(length, offset + length, x.device)
+        mask = attention_bias(causal_mask(length, offset + length, x.device), softmax_dtype(x))
         for index, block in enumerate(self.blocks):
             x, kv = block(x, positions, mask, cache.past(index) if cache is not None else None)
             if cache is not None:

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from architectures.layers import (RMSNorm, RotaryEmbedding, SelfAttention, SwiGLU, attention, attention_with_self,
-                                  causal_mask, init_linear, select_backend, zero_init)
+from architectures.layers import (RMSNorm, RotaryEmbedding, SelfAttention, SwiGLU, attention, attention_bias,
+                                  attention_with_self, causal_mask, init_linear, select_backend, zero_init)
 
 
 def _qkv(seed=0, batch=2, heads=2, length=5, head_dim=4, dtype=torch.float64, requires_grad=False):
@@ -92,6 +92,62 @@ def test_attention_with_self_equals_masked_two_stream_attention():
     full_mask = torch.cat((ctx_mask, torch.eye(5, dtype=torch.bool)), dim=1)
     expected = attention(q, torch.cat((k_ctx, k_self), 2), torch.cat((v_ctx, v_self), 2), full_mask, backend="math")
     torch.testing.assert_close(attention_with_self(q, k_ctx, v_ctx, k_self, v_self, ctx_mask), expected)
+
+
+@pytest.mark.parametrize("backend", ["math", "fused"])
+def test_additive_bias_equals_boolean_mask(backend):
+    q, k, v = _qkv(seed=3)
+    mask = causal_mask(5, 5)
+    expected = attention(q, k, v, mask, backend=backend)
+    torch.testing.assert_close(attention(q, k, v, attention_bias(mask, torch.float64), backend=backend), expected)
+    # A per-batch mask [B, 1, T, T] cannot ride in the batched GEMM: the unfused branch must agree too.
+    per_batch = mask.expand(2, 1, 5, 5)
+    torch.testing.assert_close(attention(q, k, v, per_batch, backend=backend), expected)
+
+
+def test_low_precision_attention_keeps_float32_logits():
+    q, k, v = _qkv(seed=4, dtype=torch.float32)
+    mask = causal_mask(5, 5)
+    expected = attention(q, k, v, mask, backend="math")
+    low = attention(*(t.bfloat16() for t in (q, k, v)), mask, backend="math")
+    assert low.dtype == torch.bfloat16
+    # bf16 inputs carry ~3 significant digits; the logits and softmax stay in float32.
+    torch.testing.assert_close(low.float(), expected, atol=3e-2, rtol=3e-2)
+
+
+def test_attention_bias_rejects_a_float_mask():
+    with pytest.raises(ValueError, match="boolean mask"):
+        attention_bias(torch.zeros(2, 2))
+
+
+def test_attention_with_self_is_double_differentiable():
+    q, k_self, v_self = _qkv(seed=5, batch=1, heads=1, length=3, head_dim=2, requires_grad=True)
+    _, k_ctx, v_ctx = _qkv(seed=6, batch=1, heads=1, length=3, head_dim=2, requires_grad=True)
+    mask = causal_mask(3, 3)
+    assert torch.autograd.gradgradcheck(
+        lambda *t: attention_with_self(*t, mask), (q, k_ctx, v_ctx, k_self, v_self))
+
+
+def test_attention_with_self_fully_masked_row_attends_to_itself():
+    q, k_self, v_self = _qkv(seed=7)
+    _, k_ctx, v_ctx = _qkv(seed=8, length=4)
+    mask = torch.ones(5, 4, dtype=torch.bool)
+    mask[0] = False  # query 0 sees no context at all
+    out = attention_with_self(q * 50, k_ctx, v_ctx, k_self, v_self, mask)  # large scores test the shift
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[:, :, 0], v_self[:, :, 0])
+
+
+def test_self_score_may_skip_the_shared_rotation():
+    q, k_self, v_self = _qkv(seed=9, head_dim=8)
+    _, k_ctx, v_ctx = _qkv(seed=10, length=7, head_dim=8)
+    rope, positions = RotaryEmbedding(8), torch.arange(3, 8)
+    mask = causal_mask(5, 7)
+    rotated_q = rope(q, positions)
+    expected = attention_with_self(rotated_q, k_ctx, v_ctx, rope(k_self, positions), v_self, mask)
+    torch.testing.assert_close(attention_with_self(rotated_q, k_ctx, v_ctx, k_self, v_self, mask, q_self=q), expected)
+    # Without q_self the unrotated key would be scored against the rotated query: a different result.
+    assert not torch.allclose(attention_with_self(rotated_q, k_ctx, v_ctx, k_self, v_self, mask), expected)
 
 
 def test_causal_mask_with_offset():
