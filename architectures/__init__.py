@@ -1,6 +1,8 @@
 """Backbones and energy heads for energy-based models (torch only; no gin, no trainer)."""
 from architectures.bidirectional import BidirectionalConfig, BidirectionalTransformer
 from architectures.ebt import EBT, ContextCache
+from architectures.hnet import HNet, HNetConfig, HNetLM
+from architectures.hnet_ebt import HNetContextCache, HNetContextEBT
 from architectures.heads import LinearEnergyHead, LMHead, MeanPatchEnergyHead, QuadraticEnergyHead
 from architectures.layers import (RMSNorm, RotaryEmbedding, SelfAttention, SwiGLU, TransformerBlock, attention,
                                   attention_with_self, causal_mask)
@@ -10,5 +12,5 @@ __all__ = [
     "BidirectionalConfig", "BidirectionalTransformer", "EBT", "ContextCache", "LinearEnergyHead", "LMHead",
     "MeanPatchEnergyHead", "QuadraticEnergyHead", "RMSNorm", "RotaryEmbedding", "SelfAttention", "SwiGLU",
     "TransformerBlock", "attention", "attention_with_self", "causal_mask", "PRESETS", "KVCache",
-    "TransformerConfig", "TransformerPP",
+    "TransformerConfig", "TransformerPP", "HNet", "HNetConfig", "HNetLM", "HNetContextEBT", "HNetContextCache",
 ]
