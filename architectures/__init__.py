@@ -4,13 +4,13 @@ from architectures.ebt import EBT, ContextCache
 from architectures.hnet import HNet, HNetConfig, HNetLM
 from architectures.hnet_ebt import HNetContextCache, HNetContextEBT
 from architectures.heads import LinearEnergyHead, LMHead, MeanPatchEnergyHead, QuadraticEnergyHead
-from architectures.layers import (RMSNorm, RotaryEmbedding, SelfAttention, SwiGLU, TransformerBlock, attention,
+from architectures.layers import (RMSNorm, RotaryEmbedding, SelfAttention, SwiGLU, TransformerBlock, attention, attention_bias,
                                   attention_with_self, causal_mask)
 from architectures.transformer import PRESETS, KVCache, TransformerConfig, TransformerPP
 
 __all__ = [
     "BidirectionalConfig", "BidirectionalTransformer", "EBT", "ContextCache", "LinearEnergyHead", "LMHead",
     "MeanPatchEnergyHead", "QuadraticEnergyHead", "RMSNorm", "RotaryEmbedding", "SelfAttention", "SwiGLU",
-    "TransformerBlock", "attention", "attention_with_self", "causal_mask", "PRESETS", "KVCache",
+    "TransformerBlock", "attention", "attention_bias", "attention_with_self", "causal_mask", "PRESETS", "KVCache",
     "TransformerConfig", "TransformerPP", "HNet", "HNetConfig", "HNetLM", "HNetContextEBT", "HNetContextCache",
 ]

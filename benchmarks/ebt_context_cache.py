@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import ctypes
@@ -139,11 +140,12 @@ def write(args: argparse.Namespace, rows: list[dict], repeats_done: int) -> None
             "memory_method": "max over repetitions of VmHWM (reset via /proc/self/clear_refs) - VmRSS before the run, "
                              "after malloc_trim(0)",
             "training_backward": "per step (one step graph alive); cached: as_leaves + backward_from once",
-            "time_method": "median over interleaved repetitions of (total time of K steps) / K"}
+            "time_method": "median over interleaved repetitions of (total time of K steps) / K",
+            "load_average_1min_at_write": os.getloadavg()[0]}
     (RESULTS / "ebt_context_cache.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [f"EBT context cache, preset {args.preset}, sequence {args.seq}, batch {args.batch}, "
              f"{args.threads} threads, torch {torch.__version__}, medians of {repeats_done} interleaved repetitions "
-             "(peak memory: max over them).",
+             f"(peak memory: max over them); 1-min load average when written: {meta['load_average_1min_at_write']:.1f}.",
              "", "| mode | steps | cached ms/step | full ms/step | speed-up | speed-up without encoding "
              "| cached peak MiB | full peak MiB |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
