@@ -8,6 +8,15 @@ import torch
 from torch import Tensor, nn
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on shared cores: extra intra-op threads only contend (the samplers and energyflow tests do the same)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def unrolled_loss(energy_fn: Callable[[Tensor], Tensor], y0: Tensor, target: Tensor, step_size: float,
                   num_steps: int = 2) -> Tensor:
     """Squared error of the state after ``num_steps`` descent steps ``y <- y - a * dE/dy`` (create_graph)."""

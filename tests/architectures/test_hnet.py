@@ -8,15 +8,6 @@ import torch.nn.functional as F
 from architectures.hnet import HNet, HNetConfig, HNetLM, HNetStage, Router
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on shared cores: extra intra-op threads only contend (the energyflow tests do the same)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_config(stages: int = 1, **overrides) -> HNetConfig:
     if stages == 1:
         sizes = dict(dims=(16, 24), num_heads=(2, 2), encoder_layers=(1,), decoder_layers=(1,), compression=(3.0,))

@@ -15,15 +15,6 @@ from tests.architectures.conftest import unrolled_loss
 DIM = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on shared cores: extra intra-op threads only contend (the energyflow tests do the same)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(stages: int = 1, seed: int = 0, step_conditioning=None) -> HNetContextEBT:
     torch.manual_seed(seed)
     if stages == 1:

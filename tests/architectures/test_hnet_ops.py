@@ -8,15 +8,6 @@ from architectures import hnet_ops as ops
 from architectures.hnet import Router
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on shared cores: extra intra-op threads only contend (the energyflow tests do the same)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _boundaries(generator: torch.Generator, batch: int = 3, length: int = 12) -> torch.Tensor:
     b = torch.rand(batch, length, generator=generator) < 0.35
     b[:, 0] = True

@@ -11,14 +11,6 @@ import torch.nn.functional as F
 from architectures.hnet import HNetConfig, HNetLM
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on shared cores: extra intra-op threads only contend (the energyflow tests do the same)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 STEPS, TAIL = 120, 40
 # Per-step fractions over 8 x 32 bytes fluctuate with sd ~0.05 around their level and are autocorrelated over
 # a few steps (ESS of the 40-step tail ~10), so the tail mean's standard error is ~0.016: 0.05 is ~3 SE.
