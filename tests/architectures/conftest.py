@@ -17,6 +17,20 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def fused_calls(monkeypatch) -> list:
+    """Counts calls of the fused ``scaled_dot_product_attention`` kernel (one entry per call)."""
+    calls: list = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return calls
+
+
 def unrolled_loss(energy_fn: Callable[[Tensor], Tensor], y0: Tensor, target: Tensor, step_size: float,
                   num_steps: int = 2) -> Tensor:
     """Squared error of the state after ``num_steps`` descent steps ``y <- y - a * dE/dy`` (create_graph)."""

@@ -115,13 +115,8 @@ def test_rope_theta_and_norm_eps_reach_the_layers():
     assert not torch.allclose(changed(tokens), base(tokens))
 
 
-def test_attention_backend_can_be_forced(monkeypatch):
-    calls = []
-    original = torch.nn.functional.scaled_dot_product_attention
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+def test_attention_backend_can_be_forced(fused_calls):
+    calls = fused_calls
     tokens = torch.randint(0, VOCAB, (1, 5))
     with torch.no_grad():
         TransformerPP(_tiny(attention_backend="math"), VOCAB)(tokens)
