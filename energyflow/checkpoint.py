@@ -3,7 +3,19 @@
 A checkpoint is a dict of tensors and primitive containers only (so ``torch.load(weights_only=True)``
 reads it): ``format``, ``step``, ``fingerprint`` ([[name, shape], ...] of the task's parameters),
 ``task`` (its ``state_dict``), ``optimizer``, ``data`` (the batch stream's position), ``config`` and
-``operative_config`` (gin text), ``scope`` (the gin scope of the run) and ``metrics`` (last step's).
+``operative_config`` (gin text), ``scope`` (the gin scope of the run), ``metrics`` (last step's) and
+``rank_states`` (below).
+
+Per-rank state. Under ``torchrun`` every process holds the same parameters but some modules hold state of
+their own that differs between processes: a replay buffer or persistent sampler chains fill from each
+rank's own share of the batch. Such a module says so with the class attribute ``per_rank_state = True``
+(see ``ReplayBuffer`` and ``PersistentChains``) and keeps that state in ``get_extra_state`` /
+``set_extra_state`` (tensors, ints, floats, strings, ``None``, lists and dicts only). ``task`` holds rank 0's
+copy (what ``energyflow eval`` and single-process tools use); ``rank_states`` holds every rank's:
+``rank_states[r] = {module name in the task: that module's extra state on rank r}``, one entry per process
+that wrote the checkpoint (one for a single process). On resume each rank restores its own entry, and a
+checkpoint with per-rank state is refused by a run with another number of processes. A checkpoint written
+before ``rank_states`` existed resumes as before: every rank starts from rank 0's copy in ``task``.
 """
 from __future__ import annotations
 
@@ -14,6 +26,8 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import nn
+
+from energyflow.distributed import to_cpu
 
 FORMAT = "energyflow-checkpoint-v1"
 _NAME = re.compile(r"step_(\d{8})\.pt")
@@ -79,6 +93,60 @@ def check_fingerprint(payload: dict[str, Any], module: nn.Module, path: Union[st
         f"checkpoint {path} was written by a different model: parameters missing from it {missing}, "
         f"not in this model {unexpected}, shapes differ (checkpoint vs model) {reshaped}. Load it with the "
         "run's own operative_config.gin, or start a new run directory.")
+
+
+def per_rank_modules(module: nn.Module) -> dict[str, nn.Module]:
+    """``{name: submodule}`` for every submodule of ``module`` (itself included, as ``""``) whose class sets
+    ``per_rank_state = True``, in ``named_modules`` order."""
+    return {name: sub for name, sub in module.named_modules() if getattr(sub, "per_rank_state", False)}
+
+
+def rank_state(module: nn.Module) -> dict[str, Any]:
+    """This process's per-rank state: ``{name: extra state}`` of ``per_rank_modules(module)``, with every
+    tensor on the CPU (so that it can be gathered from CUDA ranks and saved from rank 0)."""
+    return {name: to_cpu(sub.get_extra_state()) for name, sub in per_rank_modules(module).items()}
+
+
+def check_rank_states(module: nn.Module, payload: dict[str, Any], *, world_size: int,
+                      path: Union[str, Path]) -> bool:
+    """Whether ``payload`` holds per-rank state for ``module`` that a run of ``world_size`` processes can restore.
+
+    False when there is nothing to restore: ``module`` has no per-rank state, or the checkpoint predates
+    ``rank_states`` (the modules then keep what ``task`` held: rank 0's state). Raises a ``CheckpointError``
+    when the checkpoint was written by a different number of processes, or lacks one of the modules.
+    """
+    modules = per_rank_modules(module)
+    saved = payload.get("rank_states")
+    if not modules or saved is None:
+        return False
+    if len(saved) != world_size:
+        raise CheckpointError(
+            f"checkpoint {path} holds per-rank state ({', '.join(m or '<task>' for m in modules)}) written by "
+            f"{len(saved)} process(es), but this run has {world_size}: each process resumes its own state, so "
+            f"resume with the same number of processes (torchrun --nproc_per_node={len(saved)}, or a plain "
+            "single process if that is 1), or start a new run directory. The checkpoint is left unchanged.")
+    for rank, entry in enumerate(saved):
+        missing = sorted(set(modules) - set(entry))
+        if missing:
+            raise CheckpointError(f"checkpoint {path} has no per-rank state of rank {rank} for {missing} (it has "
+                                  f"{sorted(entry)}); load it with the run's own operative_config.gin, or start a "
+                                  "new run directory")
+    return True
+
+
+def restore_rank_state(module: nn.Module, payload: dict[str, Any], *, rank: int, world_size: int,
+                       path: Union[str, Path]) -> bool:
+    """Give each per-rank module of ``module`` rank ``rank``'s state from ``payload["rank_states"]``.
+
+    Checks first (``check_rank_states``), so a refused checkpoint changes no module; returns whether anything
+    was restored. Call it after ``module.load_state_dict(payload["task"])``, which gives every rank rank 0's.
+    """
+    if not check_rank_states(module, payload, world_size=world_size, path=path):
+        return False
+    entry = payload["rank_states"][rank]
+    for name, sub in per_rank_modules(module).items():
+        sub.set_extra_state(entry[name])
+    return True
 
 
 def list_checkpoints(directory: Union[str, Path]) -> list[Path]:

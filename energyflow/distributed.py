@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -87,6 +88,31 @@ def all_reduce_sum(values: Tensor, context: DistContext) -> Tensor:
     values = values.clone()
     dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def all_gather_object(value: Any, context: DistContext) -> list[Any]:
+    """``[value of rank 0, value of rank 1, ...]`` on every rank (``[value]`` for one process).
+
+    Every rank must call it. ``value`` is pickled, so tensors inside it come back on the device they were on
+    when sent: move CUDA tensors to the CPU first (``to_cpu``) so that every rank can hold every value. Under
+    NCCL the pickled bytes travel through this process's current CUDA device, which ``setup`` selected.
+    """
+    if not context.is_distributed:
+        return [value]
+    gathered: list[Any] = [None] * context.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def to_cpu(value: Any) -> Any:
+    """``value`` with every tensor in it (through dicts, lists and tuples) on the CPU."""
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: to_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_cpu(item) for item in value)
+    return value
 
 
 def barrier(context: DistContext) -> None:

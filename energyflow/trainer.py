@@ -2,8 +2,10 @@
 
 ``Trainer(...).fit(task, data, out_dir)`` trains a ``energyflow.tasks.Task`` on ``energyflow.data.TextData``.
 Exact resume: the model, optimizer and data position are checkpointed; the learning rate is a pure
-function of the step; and all randomness is reseeded from (seed, step, micro-batch, rank) at every step,
-so a run stopped and resumed reproduces the uninterrupted run bit for bit on CPU.
+function of the step; all randomness is reseeded from (seed, step, micro-batch, rank) at every step; and
+every rank's per-rank module state (replay buffers, persistent chains) is checkpointed and given back to
+that rank, so a run stopped and resumed, with one process or under ``torchrun``, reproduces the
+uninterrupted run bit for bit on CPU.
 """
 from __future__ import annotations
 
@@ -130,9 +132,9 @@ class Trainer:
 
 
 def _wrap_ddp(task: Task, device: torch.device) -> DistributedDataParallel:
-    """DDP that never re-syncs buffers in forward: buffers such as a replay buffer are per-rank state
-    (all ranks start equal: same seed, same checkpoint). torch >= 2.13 names this ``forward_sync_buffers``
-    and deprecates ``broadcast_buffers``."""
+    """DDP that never re-syncs buffers in forward: state such as a replay buffer is per-rank (all ranks start
+    from the same seed; a resumed rank from its own entry of the checkpoint's ``rank_states``). torch >= 2.13
+    names this ``forward_sync_buffers`` and deprecates ``broadcast_buffers``."""
     device_ids = [device] if device.type == "cuda" else None
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
         return DistributedDataParallel(task, device_ids=device_ids, forward_sync_buffers=False)
@@ -157,7 +159,12 @@ class _Run:
                                   rank=self.context.rank, world_size=self.context.world_size)
         self.generator = torch.Generator(device=self.context.device)
         self.checkpoints = out_dir / "checkpoints"
-        self.start_step = self._resume()
+        self.notes: list[str] = []  # shown once the monitor exists
+        try:
+            self.start_step = self._resume()
+        except BaseException:  # a refused checkpoint: leave the process group as ``fit`` would
+            distributed.shutdown(self.context, synchronize=False)
+            raise
         self.model = task if not self.context.is_distributed else _wrap_ddp(task, self.context.device)
         self.result = RunResult(out_dir=out_dir, task=task, validation_windows=trainer.validation_batches(data),
                                 device=self.context.device)
@@ -177,7 +184,14 @@ class _Run:
                                   "choose another output directory or set resume = True")
         payload = ckpt.load_checkpoint(latest, map_location=self.context.device)
         ckpt.check_fingerprint(payload, self.task, latest)
-        self.task.load_state_dict(payload["task"])
+        ckpt.check_rank_states(self.task, payload, world_size=self.context.world_size, path=latest)
+        self.task.load_state_dict(payload["task"])  # per-rank modules get rank 0's state here ...
+        restored = ckpt.restore_rank_state(self.task, payload, rank=self.context.rank,  # ... and their own here
+                                           world_size=self.context.world_size, path=latest)
+        per_rank = ", ".join(name or "<task>" for name in ckpt.per_rank_modules(self.task))
+        if not restored and self.context.is_distributed and per_rank:
+            self.notes.append(f"{latest.name} predates per-rank checkpoint state: every rank resumes {per_rank} "
+                              "from rank 0's copy, so this resumed run is not bit-exact")
         self.optimizer.load_state_dict(payload["optimizer"])
         self.stream.load_state_dict(payload["data"])
         if payload["step"] > self.t.num_steps:
@@ -189,6 +203,8 @@ class _Run:
             (self.out_dir / "config.gin").write_text(self.config)
         if self.start_step:
             self.monitor.log(f"resuming {self.out_dir} from step {self.start_step}")
+        for note in self.notes:
+            self.monitor.log(note)
         for step in range(self.start_step, self.t.num_steps):
             metrics = self._train_step(step)
             self._after_step(step, metrics)
@@ -257,11 +273,16 @@ class _Run:
         return values
 
     def _save(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Every rank contributes its per-rank module state (a collective: all ranks call this at the same
+        steps); rank 0 writes the checkpoint."""
+        local = ckpt.rank_state(self.task)
+        rank_states = distributed.all_gather_object(local, self.context)
+        rank_states[self.context.rank] = local  # no round trip (on CPU: the tensors of ``task``, saved once)
         if self.context.is_main:
             ckpt.save_checkpoint(ckpt.checkpoint_path(self.checkpoints, step), {
                 "step": step, "fingerprint": ckpt.fingerprint(self.task), "task": self.task.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "data": self.stream.state_dict(),
-                "config": self.config, "operative_config": self.operative_config(), "scope": self.scope,
-                "metrics": dict(metrics)})
+                "rank_states": rank_states, "optimizer": self.optimizer.state_dict(),
+                "data": self.stream.state_dict(), "config": self.config,
+                "operative_config": self.operative_config(), "scope": self.scope, "metrics": dict(metrics)})
             ckpt.prune_checkpoints(self.checkpoints, self.t.keep_checkpoints)
         distributed.barrier(self.context)

@@ -17,7 +17,13 @@ from energyflow.objectives.unrolled import ObjectiveOutput
 
 
 class PersistentChains(nn.Module):
-    """``capacity`` persistent sampler states ``[N, *event]``; checkpointed as extra state."""
+    """``capacity`` persistent sampler states ``[N, *event]``; checkpointed as extra state.
+
+    Under ``torchrun`` each process advances its own chains: they are per-rank state (``per_rank_state``),
+    checkpointed for every rank and restored to each rank on resume (``energyflow.checkpoint``).
+    """
+
+    per_rank_state = True
 
     def __init__(self, capacity: int = 10000, reinit_fraction: float = 0.05, initial_state=None):
         super().__init__()

@@ -7,6 +7,9 @@ prediction only means something for the context it was optimized against.
 
 The buffer is an ``nn.Module`` whose contents travel in ``state_dict()`` as extra state (plain tensors and
 ints, loadable with ``torch.load(weights_only=True)``), so a resumed run replays exactly what it would have.
+Under ``torchrun`` each process fills its own buffer from its share of the batch: the buffer is per-rank
+state (``per_rank_state = True``), and the trainer checkpoints every rank's buffer and gives each rank its
+own back on resume (``energyflow.checkpoint``).
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ from torch import Tensor, nn
 
 class ReplayBuffer(nn.Module):
     """Ring buffer of (inputs, targets, final_state) rows; ``fraction`` of each batch is drawn from it."""
+
+    per_rank_state = True  # each DDP rank holds its own buffer; see energyflow.checkpoint
 
     def __init__(self, capacity: int = 192, fraction: float = 0.5):
         super().__init__()
