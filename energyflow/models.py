@@ -7,6 +7,12 @@ Every model here speaks one protocol, which the objectives rely on:
 - ``energy(context_or_cache, candidate) -> [B, S]`` (or ``[B]``): lower is better;
 - ``candidate_shape(targets)``: the shape of the optimized state for a batch of targets.
 
+Step conditioning (``architectures.EBT(step_conditioning=...)``): ``step_conditioning`` says how the energy
+depends on the optimization step (``None``, ``"adaln"``, ``"time_token"``); ``step_index(k, mode)`` is the
+conditioning index of the state ``y_k``; ``encode(context, step_index=k)`` encodes a time-token EBT's context
+for index ``k`` and ``energy(context, candidate, step_index=k)`` scores on index ``k``. ``StepEnergy`` turns
+all of that into the ``energy_fn(y)`` a descent calls once per state (used by the objective and inference).
+
 Text: the candidate is a distribution over the vocabulary, held as logits ``[B, S, V]`` (the optimized
 state) and turned into an embedding through softmax then either a learned ``Linear(V, D)``
 (``candidate_embedding="linear"``, the paper's choice) or the token-embedding matrix
@@ -15,7 +21,7 @@ Continuous: context and candidate vectors ``[B, S, F]`` projected to the model w
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Callable, Literal, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +30,88 @@ from architectures.ebt import EBT, ContextCache
 from architectures.layers import init_linear
 
 CandidateEmbedding = Literal["linear", "tied"]
+StepIndexMode = Literal["per_step", "single"]
+STEP_INDEX_MODES = ("per_step", "single")
+
+
+def check_step_index_mode(mode: str) -> str:
+    if mode not in STEP_INDEX_MODES:
+        raise ValueError(f"step_index_mode must be 'per_step' (state y_k on index k) or 'single' (index 0 at every "
+                         f"step), got {mode!r}")
+    return mode
+
+
+def conditioning_ebt(backbone: nn.Module) -> Optional[EBT]:
+    """The step-conditioned ``EBT`` of ``backbone``: itself, or the EBT a wrapper holds as ``.ebt`` (e.g.
+    ``HNetContextEBT``); ``None`` when the backbone is not step-conditioned."""
+    ebt = backbone if isinstance(backbone, EBT) else getattr(backbone, "ebt", None)
+    return ebt if isinstance(ebt, EBT) and ebt.step_conditioning is not None else None
+
+
+def conditioning_index(model: nn.Module, state_index: int, mode: str = "per_step") -> Optional[int]:
+    """The conditioning index of state ``y_{state_index}`` for any model: ``None`` if the model has no
+    ``step_conditioning`` (or it is ``None``), else ``model.step_index(state_index, mode)``."""
+    if getattr(model, "step_conditioning", None) is None:
+        return None
+    return model.step_index(state_index, mode)
+
+
+class _StepConditioned(nn.Module):
+    """What the step-conditioning protocol reads from a model with a ``backbone`` (see the module docstring)."""
+
+    backbone: nn.Module
+
+    @property
+    def step_conditioning(self) -> Optional[str]:
+        """``None``, ``"adaln"`` (index passed to ``energy``) or ``"time_token"`` (index in the context)."""
+        ebt = conditioning_ebt(self.backbone)
+        return ebt.step_conditioning if ebt is not None else None
+
+    @property
+    def num_step_embeddings(self) -> int:
+        """Rows of the step-embedding table (0 without step conditioning)."""
+        ebt = conditioning_ebt(self.backbone)
+        return ebt.step_embed.num_embeddings if ebt is not None else 0
+
+    def step_index(self, state_index: int, mode: str = "per_step") -> Optional[int]:
+        """The index state ``y_k`` (``k = state_index``) is conditioned on: ``min(k, num_step_embeddings - 1)``
+        (so more steps than the table has, e.g. at evaluation, reuse the last trained index), or 0 in
+        ``"single"`` mode; ``None`` without step conditioning."""
+        check_step_index_mode(mode)
+        if state_index < 0:
+            raise ValueError(f"state_index must be >= 0, got {state_index}")
+        if self.step_conditioning is None:
+            return None
+        return 0 if mode == "single" else min(int(state_index), self.num_step_embeddings - 1)
+
+    def _encode_real(self, real: Tensor, step_index: Optional[int]) -> ContextCache:
+        if step_index is None:
+            return self.backbone.encode_context(real)
+        if self.step_conditioning != "time_token":
+            raise ValueError(f"step_index conditions the context of a time-token EBT only; this model's step "
+                             f"conditioning is {self.step_conditioning!r} (adaln: pass step_index to energy(); "
+                             "unconditioned: drop it)")
+        return self.backbone.encode_context(real, step_index=step_index)
+
+    def _energies(self, context: Union[Tensor, ContextCache], embedded: Tensor,
+                  step_index: Optional[int]) -> Tensor:
+        if self.step_conditioning == "time_token" and step_index is not None:
+            # The index lives in the context: encode tokens on it, or check that the cache was encoded on it.
+            if isinstance(context, ContextCache):
+                _check_same_index(context.step_index, step_index)
+            else:
+                context = self.encode(context, step_index=step_index)
+            step_index = None
+        cache = context if isinstance(context, ContextCache) else self.encode(context)
+        return self.backbone.energies(cache, embedded, step_index=step_index)
+
+
+def _check_same_index(cached, requested) -> None:
+    same = (torch.equal(torch.as_tensor(cached), torch.as_tensor(requested).to(torch.as_tensor(cached).device))
+            if isinstance(cached, Tensor) or isinstance(requested, Tensor) else cached == requested)
+    if not same:
+        raise ValueError(f"this time-token cache was encoded on step index {cached!r} but the energy was asked on "
+                         f"{requested!r}; encode the context once per index with encode(context, step_index=k)")
 
 
 class DistributionAdapter(nn.Module):
@@ -52,7 +140,7 @@ class DistributionAdapter(nn.Module):
         return probabilities.to(weight.dtype) @ weight
 
 
-class TextEBM(nn.Module):
+class TextEBM(_StepConditioned):
     """Autoregressive text EBT: E(tokens_0..i, distribution over token i+1) for every position i."""
 
     def __init__(self, backbone: EBT, vocab_size: int, *, candidate_embedding: CandidateEmbedding = "linear"):
@@ -68,28 +156,34 @@ class TextEBM(nn.Module):
         init_linear(self.token_embedding, backbone.config.init)
         self.backbone = backbone
 
-    def encode(self, tokens: Tensor) -> ContextCache:
-        """``tokens [B, S]`` -> the real stream's cache (in the graph)."""
+    def encode(self, tokens: Tensor, step_index: Optional[int] = None) -> ContextCache:
+        """``tokens [B, S]`` -> the real stream's cache (in the graph); ``step_index`` only for a time-token
+        EBT, whose context depends on the step (one encoding per distinct index)."""
         if tokens.dim() != 2 or tokens.is_floating_point():
             raise ValueError(f"context tokens must be an integer tensor [B, S], got {tuple(tokens.shape)} "
                              f"{tokens.dtype}")
-        return self.backbone.encode_context(self.token_embedding(tokens))
+        return self._encode_real(self.token_embedding(tokens), step_index)
 
     def energy(self, context: Union[Tensor, ContextCache], candidate: Tensor,
                step_index: Optional[int] = None) -> Tensor:
-        """``candidate`` logits ``[B, S, V]`` -> energies ``[B, S]``; ``context`` is tokens or ``encode(tokens)``."""
-        cache = context if isinstance(context, ContextCache) else self.encode(context)
-        return self.backbone.energies(cache, self.candidate(candidate), step_index=step_index)
+        """``candidate`` logits ``[B, S, V]`` -> energies ``[B, S]``; ``context`` is tokens or ``encode(tokens)``.
 
-    def forward(self, tokens: Tensor, candidate: Tensor) -> Tensor:
-        """The uncached path (all ``2S`` tokens through the stack); equals ``energy(encode(tokens), ...)``."""
-        return self.backbone(self.token_embedding(tokens), self.candidate(candidate))
+        ``step_index``: for adaLN, the index scored on; for a time-token EBT, the index its cache was encoded
+        on (checked; tokens are encoded on it)."""
+        return self._energies(context, self.candidate(candidate), step_index)
+
+    def forward(self, tokens: Tensor, candidate: Tensor, step_index: Optional[int] = None) -> Tensor:
+        """The uncached path (all ``2S`` tokens through the stack); equals ``energy(encode(tokens), ...)``
+        (``step_index``: the index scored on, for either kind of step conditioning)."""
+        if step_index is None:
+            return self.backbone(self.token_embedding(tokens), self.candidate(candidate))
+        return self.backbone(self.token_embedding(tokens), self.candidate(candidate), step_index)
 
     def candidate_shape(self, targets: Tensor) -> tuple[int, ...]:
         return (*targets.shape, self.vocab_size)
 
 
-class VectorSequenceEBM(nn.Module):
+class VectorSequenceEBM(_StepConditioned):
     """Autoregressive EBT over continuous vectors (e.g. video latents): E(x_0..i, candidate x_{i+1})."""
 
     def __init__(self, backbone: EBT, feature_dim: int):
@@ -104,20 +198,72 @@ class VectorSequenceEBM(nn.Module):
         init_linear(self.candidate_projection, backbone.config.init)
         self.backbone = backbone
 
-    def encode(self, context: Tensor) -> ContextCache:
-        """``context [B, S, F]`` -> cache."""
+    def encode(self, context: Tensor, step_index: Optional[int] = None) -> ContextCache:
+        """``context [B, S, F]`` -> cache (``step_index``: as ``TextEBM.encode``)."""
         if context.dim() != 3 or context.shape[-1] != self.feature_dim:
             raise ValueError(f"context must be [B, S, {self.feature_dim}], got {tuple(context.shape)}")
-        return self.backbone.encode_context(self.context_projection(context))
+        return self._encode_real(self.context_projection(context), step_index)
 
     def energy(self, context: Union[Tensor, ContextCache], candidate: Tensor,
                step_index: Optional[int] = None) -> Tensor:
-        """``candidate [B, S, F]`` -> energies ``[B, S]``."""
-        cache = context if isinstance(context, ContextCache) else self.encode(context)
-        return self.backbone.energies(cache, self.candidate_projection(candidate), step_index=step_index)
+        """``candidate [B, S, F]`` -> energies ``[B, S]`` (``step_index``: as ``TextEBM.energy``)."""
+        return self._energies(context, self.candidate_projection(candidate), step_index)
 
     def candidate_shape(self, targets: Tensor) -> tuple[int, ...]:
         return tuple(targets.shape)
+
+
+Encoder = Callable[[Optional[int]], ContextCache]
+
+
+class StepEnergy:
+    """``energy_fn(y)`` for a descent whose ``k``-th call (``k = 0, 1, ...``) scores the state ``y_k``.
+
+    State ``y_k`` is scored on ``conditioning_index(model, k, mode)``: nothing for an unconditioned model
+    (the call is exactly ``model.energy(context, y)``), the index passed to ``energy`` for adaLN (one shared
+    context), or the context of that index for a time-token EBT. ``encode(index)`` builds a context (``index``
+    is ``None`` unless the model is a time-token EBT); each distinct context is built once, on first use,
+    and kept in ``contexts`` (``prepare`` builds some ahead, e.g. inside a graph). Works with any model that
+    has ``encode``/``energy``; without a ``step_conditioning`` attribute it counts as unconditioned.
+    """
+
+    def __init__(self, model: nn.Module, encode: Encoder, *, mode: str = "per_step") -> None:
+        self.model, self._encode, self.mode = model, encode, check_step_index_mode(mode)
+        self.time_token = getattr(model, "step_conditioning", None) == "time_token"
+        self.contexts: dict[Optional[int], ContextCache] = {}
+        self.num_calls = 0
+
+    def index(self, state_index: int) -> Optional[int]:
+        return conditioning_index(self.model, state_index, self.mode)
+
+    def context_key(self, state_index: int) -> Optional[int]:
+        """Which context ``y_k`` is scored against: its index for a time-token EBT, else the one shared context."""
+        return self.index(state_index) if self.time_token else None
+
+    def context(self, state_index: int) -> ContextCache:
+        key = self.context_key(state_index)
+        if key not in self.contexts:
+            self.contexts[key] = self._encode(key)
+        return self.contexts[key]
+
+    def prepare(self, state_indices, encode: Optional[Encoder] = None) -> None:
+        """Build the contexts of ``state_indices`` now (with ``encode`` instead of the default, if given)."""
+        for k in state_indices:
+            key = self.context_key(k)
+            if key not in self.contexts:
+                self.contexts[key] = (encode or self._encode)(key)
+
+    def energy_at(self, y: Tensor, state_index: int) -> Tensor:
+        """The energy of ``y`` scored as the state ``y_{state_index}`` (does not advance the call count)."""
+        context, index = self.context(state_index), self.index(state_index)
+        if index is None or self.time_token:
+            return self.model.energy(context, y)
+        return self.model.energy(context, y, step_index=index)
+
+    def __call__(self, y: Tensor) -> Tensor:
+        energy = self.energy_at(y, self.num_calls)
+        self.num_calls += 1
+        return energy
 
 
 class GaussianEnergy(nn.Module):

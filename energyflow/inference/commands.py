@@ -58,6 +58,11 @@ def _config(task, args: argparse.Namespace, num_steps: int) -> ThinkingConfig:
                            grad_tolerance=args.grad_tolerance, check_every=args.check_every if adaptive else None)
 
 
+def _step_index_mode(task) -> str:
+    """How the run's objective indexed the steps of a step-conditioned model (``per_step`` before the option)."""
+    return getattr(task.objective, "step_index_mode", "per_step")
+
+
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Register ``generate`` and ``think`` on the ``energyflow`` command's sub-parsers."""
     _add_generate(commands)
@@ -141,7 +146,7 @@ def run_generate(args: argparse.Namespace, console: Console) -> int:
         num_steps = args.steps or resolve_num_steps(task.objective.num_steps, 0, training=False)
         out = generate_ebt(task.model, prompt, args.max_new, _config(task, args, num_steps), decoding,
                            num_candidates=args.samples, generator=generator,
-                           initial_state=task.objective.initial_state)
+                           initial_state=task.objective.initial_state, step_index_mode=_step_index_mode(task))
     else:
         rows = prompt.expand(args.candidates, -1)
         out = generate_baseline(task.model, rows, args.max_new, decoding, generator=generator)
@@ -219,7 +224,7 @@ def run_think(args: argparse.Namespace, console: Console) -> int:
     windows = _windows(args, result.validation_windows)
     config = _config(task, args, max(args.steps))
     run = partial(thinking_sweep, task.model, windows, steps=args.steps, device=result.device, seed=args.seed,
-                  initial_state=task.objective.initial_state)
+                  initial_state=task.objective.initial_state, step_index_mode=_step_index_mode(task))
     sweep = run(config, samples=args.samples)
     if config.adaptive:  # the same run without tolerances: the fixed step budget it is compared against
         fixed = run(replace(config, energy_tolerance=None, grad_tolerance=None), samples=args.samples[:1])

@@ -3,7 +3,9 @@
 EBT: the prompt is encoded once; each new token is predicted by thinking (``num_candidates`` random starts,
 self-verified by energy) against the cached context, sampled from the chosen candidate's distribution, and
 appended to the cache (one token through the stack). ``use_cache=False`` is the reference that recomputes
-both streams of the whole sequence at every optimization step; both give the same tokens.
+both streams of the whole sequence at every optimization step; both give the same tokens. A step-conditioned
+EBT scores each thinking state on its step index (``energyflow.inference.text``); a time-token EBT keeps one
+cache per index it has used, each extended by every new token.
 Baseline: the usual KV cache (``use_cache=False`` recomputes the whole sequence per token).
 """
 from __future__ import annotations
@@ -14,10 +16,12 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor, nn
 
+from architectures.ebt import ContextCache
 from architectures.transformer import KVCache
 from energyflow.inference.optimize import ThinkingConfig
-from energyflow.inference.text import InitialState, encode, extend_context, think_on_cache
+from energyflow.inference.text import InitialState, encode, extend_context, think_on_contexts
 from energyflow.inference.verification import Verified, self_verify
+from energyflow.models import conditioning_index
 from energyflow.objectives.components import RandomNoise
 
 Strategy = Literal["greedy", "sample"]
@@ -91,37 +95,49 @@ def generate_baseline(model: nn.Module, prompt: Tensor, max_new: int, decoding: 
 def generate_ebt(model: nn.Module, prompt: Tensor, max_new: int, config: ThinkingConfig,
                  decoding: Decoding = Decoding(), *, num_candidates: int = 1,
                  generator: Optional[torch.Generator] = None, initial_state: Optional[InitialState] = None,
-                 use_cache: bool = True) -> Generation:
-    """Continue ``prompt [B, P]`` by ``max_new`` tokens with a ``TextEBM`` (see the module docstring)."""
+                 use_cache: bool = True, step_index_mode: str = "per_step") -> Generation:
+    """Continue ``prompt [B, P]`` by ``max_new`` tokens with a ``TextEBM`` (see the module docstring);
+    ``step_index_mode``: the trained objective's, for a step-conditioned model."""
     _check_prompt(prompt, max_new)
     draw = initial_state if initial_state is not None else RandomNoise(1.0)
-    cache = encode(model, prompt) if use_cache else None
     sequence, new_tokens, energies = prompt, [], []
+    caches: dict[Optional[int], ContextCache] = {}  # step index (None: shared) -> the cache of `sequence`
+
+    def context(step_index: Optional[int]):
+        if step_index not in caches:
+            caches[step_index] = encode(model, sequence, step_index)
+        return caches[step_index]
+
     for index in range(max_new):
         if use_cache:
-            verified = think_on_cache(model, cache, 1, config, num_candidates=num_candidates, generator=generator,
-                                      initial_state=draw)
+            verified = think_on_contexts(model, context, prompt.shape[0], 1, config, num_candidates=num_candidates,
+                                         generator=generator, initial_state=draw, step_index_mode=step_index_mode)
         else:
-            verified = _think_recomputing(model, sequence, config, num_candidates, generator, draw)
+            verified = _think_recomputing(model, sequence, config, num_candidates, generator, draw, step_index_mode)
         token = next_token(verified.state[:, 0], decoding, generator)
         new_tokens.append(token)
         energies.append(verified.energies[:, 0])
         sequence = torch.cat((sequence, token[:, None]), dim=1)
         if use_cache and index < max_new - 1:
-            cache = extend_context(model, cache, token[:, None])
+            caches.update({key: extend_context(model, cache, token[:, None]) for key, cache in caches.items()})
     return Generation(torch.stack(new_tokens, dim=1), torch.stack(energies, dim=1))
 
 
 def _think_recomputing(model: nn.Module, sequence: Tensor, config: ThinkingConfig, num_candidates: int,
-                       generator: Optional[torch.Generator], draw: InitialState) -> Verified:
+                       generator: Optional[torch.Generator], draw: InitialState,
+                       step_index_mode: str = "per_step") -> Verified:
     """The uncached reference: every energy evaluation runs both streams of the whole ``sequence [B, L]``."""
     tokens = sequence.repeat_interleave(num_candidates, dim=0)  # [B*n, L]
     rows, length = tokens.shape
     y0 = draw((rows, 1, model.vocab_size), device=tokens.device, dtype=torch.float32, generator=generator)
     # Predictions attend to themselves only, so the filler at the other positions never reaches the last one.
     filler = torch.zeros(rows, length - 1, model.vocab_size, device=tokens.device)
+    calls = [0]  # the k-th call scores the k-th thinking state (its step index, for a conditioned model)
 
     def energy_fn(y: Tensor) -> Tensor:
-        return model(tokens, torch.cat((filler, y), dim=1))[:, -1:]
+        step_index = conditioning_index(model, calls[0], step_index_mode)
+        calls[0] += 1
+        conditioning = {} if step_index is None else {"step_index": step_index}
+        return model(tokens, torch.cat((filler, y), dim=1), **conditioning)[:, -1:]
 
     return self_verify(energy_fn, y0, config, num_candidates, generator=generator)

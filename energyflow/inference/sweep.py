@@ -94,9 +94,10 @@ def baseline_loss(model: nn.Module, windows: Sequence[Tensor], device: torch.dev
 
 def thinking_sweep(model: nn.Module, windows: Sequence[Tensor], config: ThinkingConfig, *, steps: Sequence[int],
                    samples: Sequence[int], device: torch.device, seed: int = 0,
-                   initial_state: Optional[InitialState] = None) -> SweepResult:
+                   initial_state: Optional[InitialState] = None, step_index_mode: str = "per_step") -> SweepResult:
     """Run ``config`` (its ``num_steps`` replaced by ``max(steps)``) with each sample count over ``windows``
-    (a list of ``[B, S+1]`` batches; every window weighs the same in the means)."""
+    (a list of ``[B, S+1]`` batches; every window weighs the same in the means); ``step_index_mode``: the
+    trained objective's, for a step-conditioned model."""
     steps, samples = check_counts(steps, "steps"), check_counts(samples, "samples")
     if not windows:
         raise ValueError("thinking_sweep needs at least one batch of windows")
@@ -108,7 +109,8 @@ def thinking_sweep(model: nn.Module, windows: Sequence[Tensor], config: Thinking
         for window in windows:
             batch = to_batch(window, device)
             verified = think_tokens(model, batch["tokens"], config, num_candidates=num_samples,
-                                    targets=batch["targets"], generator=generator, initial_state=initial_state)
+                                    targets=batch["targets"], generator=generator, initial_state=initial_state,
+                                    step_index_mode=step_index_mode)
             energies, losses = best_of_n_trace(verified.thinking, num_samples)
             window_losses.append(_pad(losses, steps[-1] + 1).mean(dim=2))  # [K+1, B]
             energy_sum = energy_sum + _pad(energies, steps[-1] + 1).mean(dim=(1, 2))

@@ -2,6 +2,12 @@
 and reused by every optimization step and every self-verification candidate (``ContextCache.expand``).
 
 The candidate state is logits ``[B, S, V]`` over the next token at every position, as in training.
+
+Step-conditioned models (``model.step_conditioning``): the energy at the k-th thinking state (y_0, then
+each step's proposal) is scored on ``model.step_index(k, step_index_mode)``, as in training: index k clamped
+to the last step embedding (thinking longer than training reuses the last trained index), or index 0 in
+``"single"`` mode. An adaLN model keeps one cache; a time-token model needs one context per index, so it
+thinks from tokens (``think_tokens``, each index encoded once), not from a single ``think_on_cache`` cache.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from torch import Tensor, nn
 from architectures.ebt import ContextCache
 from energyflow.inference.optimize import ThinkingConfig
 from energyflow.inference.verification import Verified, self_verify
+from energyflow.models import StepEnergy
 from energyflow.objectives.components import RandomNoise, Zeros
 from samplers.transforms import Detach, LangevinNoise
 
@@ -37,10 +44,14 @@ def thinking_config(objective: nn.Module, *, num_steps: int, step_size: Optional
                           grad_tolerance=grad_tolerance, check_every=check_every, transforms=transforms)
 
 
-def encode(model: nn.Module, tokens: Tensor) -> ContextCache:
-    """The context stream of ``tokens [B, L]``, without a graph (inference never trains the weights)."""
+def encode(model: nn.Module, tokens: Tensor, step_index: Optional[int] = None) -> ContextCache:
+    """The context stream of ``tokens [B, L]``, without a graph (inference never trains the weights);
+    ``step_index`` for a time-token EBT (its context depends on the step)."""
+    if step_index is None and getattr(model, "step_conditioning", None) == "time_token":
+        raise ValueError("a time-token EBT encodes one context per step index: pass step_index (think_tokens and "
+                         "generate_ebt do this for you)")
     with torch.no_grad():
-        return model.encode(tokens)
+        return model.encode(tokens) if step_index is None else model.encode(tokens, step_index=step_index)
 
 
 def extend_context(model: nn.Module, cache: ContextCache, tokens: Tensor) -> ContextCache:
@@ -70,30 +81,46 @@ def check_random_starts(initial_state: Optional[InitialState], num_candidates: i
 def think_on_cache(model: nn.Module, cache: ContextCache, num_predictions: int, config: ThinkingConfig, *,
                    num_candidates: int = 1, targets: Optional[Tensor] = None,
                    generator: Optional[torch.Generator] = None,
-                   initial_state: Optional[InitialState] = None) -> Verified:
+                   initial_state: Optional[InitialState] = None, step_index_mode: str = "per_step") -> Verified:
     """Predict the last ``num_predictions`` cached positions by thinking from ``num_candidates`` random starts
     per input; ``cache`` holds one row per input and is expanded, not re-encoded.
 
     ``targets [B, num_predictions]`` (optional) records the per-token loss at every step.
+    ``step_index_mode``: the trained objective's (``EBTObjective.step_index_mode``), for a step-conditioned model.
     """
+    if getattr(model, "step_conditioning", None) == "time_token":
+        raise ValueError("a time-token EBT needs one context per step index, which a single cache cannot give; "
+                         "use think_tokens (or generate_ebt), which encode the tokens once per index")
+    return think_on_contexts(model, lambda index: cache, cache.batch_size, num_predictions, config,
+                             num_candidates=num_candidates, targets=targets, generator=generator,
+                             initial_state=initial_state, step_index_mode=step_index_mode)
+
+
+def think_on_contexts(model: nn.Module, context: Callable[[Optional[int]], ContextCache], batch: int,
+                      num_predictions: int, config: ThinkingConfig, *, num_candidates: int = 1,
+                      targets: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
+                      initial_state: Optional[InitialState] = None, step_index_mode: str = "per_step") -> Verified:
+    """``think_on_cache`` with ``context(index)`` giving the (one row per input) cache of a step index
+    (``None``: the shared context of an unconditioned or adaLN model); each is asked for once and expanded."""
     check_random_starts(initial_state, num_candidates, config.noise_scale)
-    batch = cache.batch_size
-    expanded = cache.expand(num_candidates) if num_candidates > 1 else cache
+    expand = (lambda cache: cache.expand(num_candidates)) if num_candidates > 1 else (lambda cache: cache)
+    energy_fn = StepEnergy(model, lambda index: expand(context(index)), mode=step_index_mode)
+    first = energy_fn.context(0)  # the context of y_0 (every thinking run scores y_0)
     draw = initial_state if initial_state is not None else RandomNoise(1.0)
-    device = cache.keys[0].device
-    y0 = draw((batch * num_candidates, num_predictions, model.vocab_size), device=device, dtype=torch.float32,
-              generator=generator)
+    y0 = draw((batch * num_candidates, num_predictions, model.vocab_size), device=first.keys[0].device,
+              dtype=torch.float32, generator=generator)
     record = None
     if targets is not None:
         record = token_losses(targets.repeat_interleave(num_candidates, dim=0))
-    return self_verify(lambda y: model.energy(expanded, y), y0, config, num_candidates, generator=generator,
-                       record=record)
+    return self_verify(energy_fn, y0, config, num_candidates, generator=generator, record=record)
 
 
 def think_tokens(model: nn.Module, tokens: Tensor, config: ThinkingConfig, *, num_candidates: int = 1,
                  targets: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
-                 initial_state: Optional[InitialState] = None) -> Verified:
-    """Next-token predictions ``[B, S, V]`` for every position of ``tokens [B, S]`` (see ``think_on_cache``)."""
-    return think_on_cache(model, encode(model, tokens), tokens.shape[1], config, num_candidates=num_candidates,
-                          targets=targets, generator=generator, initial_state=initial_state)
+                 initial_state: Optional[InitialState] = None, step_index_mode: str = "per_step") -> Verified:
+    """Next-token predictions ``[B, S, V]`` for every position of ``tokens [B, S]`` (see ``think_on_cache``);
+    a time-token EBT's context is encoded once per step index the thinking uses."""
+    return think_on_contexts(model, lambda index: encode(model, tokens, index), tokens.shape[0], tokens.shape[1],
+                             config, num_candidates=num_candidates, targets=targets, generator=generator,
+                             initial_state=initial_state, step_index_mode=step_index_mode)
 

@@ -6,6 +6,13 @@ the loss reaches the weights and the learnable step size through each gradient s
 loss of y_1..y_K (or take only y_K). The step-level tricks (randomized step size, gradient and state
 clamps, Langevin noise) are the sampler's own schedule and transforms; the chain-level ones (step count,
 detach, truncation, initial state, replay, label smoothing, contrastive term) live here.
+
+Step conditioning: for a model whose energy depends on the optimization step (``model.step_conditioning``,
+see ``energyflow.models``), the state y_k is scored on conditioning index k (``step_index_mode="per_step"``)
+or on index 0 at every step (``"single"``, the paper's System 2), clamped to the model's last step
+embedding. y_0..y_{K-1} are the descent's steps, y_K the final state (its energy is only a metric, and the
+contrastive term re-scores on its index). An adaLN model shares one context across steps; a time-token
+model gets one context per distinct index, each encoded once per batch.
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
+from energyflow.models import StepEnergy, check_step_index_mode
 from energyflow.objectives.components import CrossEntropy, RandomNoise, RandomNumSteps, resolve_num_steps
 from energyflow.objectives.replay import ReplayBuffer
 from samplers.trajectory import Trajectory
@@ -72,18 +80,20 @@ class WarmupLangevinNoise(LangevinNoise):
         return y + scale.to(y.dtype) * noise
 
 
-class _RecordingEnergy:
-    """Wraps ``model.energy(context, .)`` and keeps each call's per-position energy, detached.
+class _RecordingEnergy(StepEnergy):
+    """``StepEnergy`` (call k scores y_k, on its step index if the model is conditioned) that keeps each
+    call's per-position energy, detached.
 
     The sampler already evaluates E at y_0 (its first call) and at every y_k; recording them gives the
     initial energy for the energy-gap metric without a redundant forward pass.
     """
 
-    def __init__(self, model: nn.Module, context):
-        self.model, self.context, self.calls = model, context, []
+    def __init__(self, model: nn.Module, encode, *, mode: str = "per_step"):
+        super().__init__(model, encode, mode=mode)
+        self.calls = []
 
     def __call__(self, y: Tensor) -> Tensor:
-        energy = self.model.energy(self.context, y)
+        energy = super().__call__(y)
         self.calls.append(energy.detach())
         return energy
 
@@ -96,6 +106,9 @@ class EBTObjective(nn.Module):
     ``eval_sampler``: used by evaluation instead (e.g. without the randomized step size and noise). When the
     training sampler's step size is learnable, the evaluation sampler shares that very parameter, so
     validation always uses the learned value.
+    ``step_index_mode``: for a step-conditioned model (``model.step_conditioning`` not ``None``), ``"per_step"``
+    scores y_k on index k, ``"single"`` on index 0 at every step (ignored for unconditioned models). Indices
+    past the model's last step embedding (e.g. more steps at evaluation than in training) reuse the last one.
     """
 
     def __init__(
@@ -112,6 +125,7 @@ class EBTObjective(nn.Module):
         label_smoothing=None,
         replay_buffer: Optional[ReplayBuffer] = None,
         contrastive: Optional[ContrastiveTerm] = None,
+        step_index_mode: str = "per_step",
     ):
         super().__init__()
         if isinstance(num_steps, int) and num_steps < 1:
@@ -132,6 +146,7 @@ class EBTObjective(nn.Module):
         self.loss_on_last_step_only = loss_on_last_step_only
         self.label_smoothing, self.contrastive = label_smoothing, contrastive
         self.replay_buffer = replay_buffer
+        self.step_index_mode = check_step_index_mode(step_index_mode)
 
     def forward(self, model: nn.Module, inputs: Tensor, targets: Tensor, *, generator: Optional[torch.Generator] = None,
                 step: int = 0, num_steps: Optional[int] = None) -> ObjectiveOutput:
@@ -146,9 +161,7 @@ class EBTObjective(nn.Module):
                 transform.set_training_step(step)
         count = int(num_steps) if num_steps is not None else resolve_num_steps(self.num_steps, step, training)
         inputs, targets, state, replayed = self._start(model, inputs, targets, generator, training)
-        with contextlib.nullcontext() if training else torch.no_grad():  # validation needs no weight gradients
-            context = model.encode(inputs)  # once per batch; in training inside the graph, so its weights learn
-        energy_fn = _RecordingEnergy(model, context)
+        energy_fn = self._energy(model, inputs, count, training)
         sampler = self.sampler if (training or self.eval_sampler is None) else self.eval_sampler
         trajectory = sampler.run(
             energy_fn, state, num_steps=count, generator=generator, differentiable=training,
@@ -159,13 +172,35 @@ class EBTObjective(nn.Module):
         step_losses = [self.loss_fn(trajectory.states[k], targets, self._smoothing(k, count)) for k in range(count)]
         loss = step_losses[-1] if self.loss_on_last_step_only else torch.stack(step_losses).mean()
         metrics = self._metrics(step_losses, energy_fn.calls, trajectory, sampler, replayed / targets.shape[0])
-        if training and self.contrastive is not None:
-            positive = model.energy(context, self.loss_fn.target_state(targets, state))
-            term = self.contrastive(positive, model.energy(context, trajectory.final_state.detach()))
+        if training and self.contrastive is not None:  # both scored as the final state y_K (its step index)
+            positive = energy_fn.energy_at(self.loss_fn.target_state(targets, state), count)
+            term = self.contrastive(positive, energy_fn.energy_at(trajectory.final_state.detach(), count))
             loss, metrics["contrastive"] = loss + term, term.detach()
         if training and self.replay_buffer is not None:
             self.replay_buffer.push(inputs, targets, trajectory.final_state)
         return ObjectiveOutput(loss, metrics, trajectory.final_state.detach(), trajectory)
+
+    def _energy(self, model: nn.Module, inputs: Tensor, count: int, training: bool) -> _RecordingEnergy:
+        """The sampler's energy function, with the contexts it needs encoded once per batch.
+
+        Unconditioned and adaLN models: one context. Time-token models: one per distinct index, built here
+        for y_0..y_{K-1} (in training inside the graph, so its weights learn; with truncation only the
+        indices of the steps that keep a graph) and, for y_K alone, without a graph when first used (its
+        energy is a metric), unless the contrastive term needs it in the graph.
+        """
+        def encode(index: Optional[int], graph: bool = False) -> object:
+            with contextlib.nullcontext() if graph else torch.no_grad():  # validation, or a context no loss reaches
+                return model.encode(inputs) if index is None else model.encode(inputs, step_index=index)
+
+        energy_fn = _RecordingEnergy(model, encode, mode=self.step_index_mode)
+        if training:
+            first_graph_state = count - self.truncate if self.truncate is not None else 0
+            with_graph = list(range(max(first_graph_state, 0), count))
+            if self.contrastive is not None:
+                with_graph.append(count)
+            energy_fn.prepare(with_graph, lambda index: encode(index, graph=True))
+        energy_fn.prepare(range(count))
+        return energy_fn
 
     def _start(self, model: nn.Module, inputs: Tensor, targets: Tensor, generator: Optional[torch.Generator],
                training: bool) -> tuple[Tensor, Tensor, Tensor, int]:
