@@ -137,7 +137,8 @@ def peak_memory_child(args) -> None:
 
 def peak_memory(variant: str, args) -> int:
     command = [sys.executable, __file__, "--memory-of", variant, "--size", args.size, "--seq-len",
-               str(args.seq_len), "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+               str(args.seq_len), "--batch-size", str(args.batch_size), "--threads", str(args.threads),
+               *(["--keep-denormals"] if args.keep_denormals else [])]
     return int(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
 
 
@@ -198,7 +199,8 @@ def markdown(result: dict) -> str:
     settings = result["settings"]
     head = (f"# Train step: EBT (System 1, 2 descent steps) vs Transformer++\n\n{settings['size']}, sequence "
             f"{settings['seq_len']}, batch {settings['batch_size']}, vocabulary 256, device {settings['device']}, "
-            f"{settings['threads']} thread(s), torch {settings['torch']}.\n\n")
+            f"{settings['threads']} thread(s), torch {settings['torch']}, denormals "
+            f"{'flushed to zero (as the Trainer runs)' if settings.get('flush_denormal') else 'kept'}.\n\n")
     if settings["device"] == "cuda":
         rows = [f"| {v} | {r['step_seconds']:.4f} | {r['tokens_per_second']:.0f} | {r['peak_memory_bytes'] / 2**20:.0f} |"
                 for v, r in result["report"].items() if isinstance(r, dict)]
@@ -229,15 +231,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="measured steps per variant")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps first")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--keep-denormals", action="store_true",
+                        help="do not flush denormals to zero (the Trainer flushes them by default, see Trainer)")
     parser.add_argument("--memory-of", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    args.flush_denormal = not args.keep_denormals and torch.set_flush_denormal(True)  # as Trainer.fit does
     if args.memory_of:
         return peak_memory_child(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available; run on a GPU machine or use --device cpu")
     report = cuda_report(args) if args.device == "cuda" else cpu_report(args)
-    settings = {**{k: v for k, v in vars(args).items() if k != "memory_of"}, "torch": torch.__version__}
+    settings = {**{k: v for k, v in vars(args).items() if k not in ("memory_of", "keep_denormals")},
+                "torch": torch.__version__}
     result = {"settings": settings, "report": report}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"train_step_{args.device}.json").write_text(json.dumps(result, indent=2))

@@ -11,9 +11,10 @@ cannot silently drop the graph); steps outside that window run under ``torch.no_
 Each state caches its energy and gradient, evaluated once when the state is created; it is evaluated with
 ``create_graph=True`` iff the *next* step keeps a graph, so every step costs exactly one energy forward
 and one backward, and the last state (whose gradient no step uses) costs one forward only.
-That forward builds a graph only if ``final_energy_graph`` (the default) asks for one: a loss on the states
-alone (the EBT objective) passes ``False``, which runs it under ``torch.no_grad`` (no saved activations, and
-the energy model may pick a fused, forward-only attention kernel) while the last state keeps its graph.
+``final_energy`` says what that forward is: ``"graph"`` (the default) builds a graph; ``"value"`` runs it under
+``torch.no_grad`` (no saved activations, and the energy model may pick a fused, forward-only attention kernel)
+while the last state keeps its graph; ``"skip"`` (samplers without accept/reject, whose last transition needs
+no energy) does not run it at all, and ``energies[-1]`` is NaN. A loss on the states alone needs neither.
 """
 from __future__ import annotations
 
@@ -195,17 +196,26 @@ class Sampler(nn.Module):
         differentiable: bool = False,
         truncate: Optional[int] = None,
         detach_between_steps: bool = False,
-        final_energy_graph: bool = True,
+        final_energy: str = "graph",
     ) -> Trajectory:
         """Run ``warmup`` + ``num_steps`` steps from ``y0`` [C, *event]; keep every ``thin``-th sampling state.
 
         ``differentiable=True`` keeps the graph (states carry it); ``truncate=k`` keeps it only for the last
         k steps; ``detach_between_steps=True`` adds a ``Detach`` transform (see ``samplers.transforms``).
-        ``final_energy_graph=False`` (read in differentiable mode only) evaluates the energy of the last state y_T
-        without a graph: ``energies[-1]`` is then a constant, and a loss that needs E(y_T) must keep the
-        default ``True`` (a term built on it would otherwise get no gradient). A loss on the states alone
-        saves one graph-building energy forward per run with ``False``.
+        ``final_energy``: how the last state y_T is scored for ``energies[-1]``. ``"graph"`` (default): like every
+        other energy (in differentiable mode, with a graph). ``"value"``: without a graph (differentiable mode
+        only; ``energies[-1]`` is then a constant, so a loss that needs E(y_T) must keep ``"graph"``).
+        ``"skip"``: not evaluated at all -- ``energies[-1]`` is NaN and the last step's ``divergent`` flag
+        checks the state alone; only for samplers without accept/reject (GradientDescent, Langevin). A loss on
+        the states alone saves one energy forward per run with ``"value"`` or ``"skip"``.
         """
+        if final_energy not in ("graph", "value", "skip"):
+            raise ValueError(f"final_energy must be 'graph', 'value' or 'skip', got {final_energy!r}")
+        if final_energy == "skip" and not self.supports_differentiable:
+            raise ValueError(
+                f"{type(self).__name__} needs the energy of its last proposal for the accept/reject test, so "
+                "final_energy='skip' is not possible; use 'graph' or 'value'"
+            )
         if differentiable and not self.supports_differentiable:
             raise ValueError(
                 f"{type(self).__name__} has a Metropolis correction, which is not differentiable (accept/reject "
@@ -227,16 +237,27 @@ class Sampler(nn.Module):
             ctx = StepContext(index, total, generator, keeps_graph(index + 1), index < total - 1)
             # The last transition of GradientDescent/Langevin (the only differentiable samplers) evaluates the
             # energy at y_T alone (need_grad=False), never a gradient: no_grad there drops only E(y_T)'s graph.
-            drop_graph = differentiable and not final_energy_graph and not ctx.need_grad
-            step_energy_fn = without_graph(energy_fn) if drop_graph else energy_fn
+            last = not ctx.need_grad
+            step_energy_fn = energy_fn
+            if last and final_energy == "skip":
+                step_energy_fn = not_evaluated
+            elif last and final_energy == "value" and differentiable:
+                step_energy_fn = without_graph(energy_fn)
             with torch.enable_grad() if keeps_graph(index) else torch.no_grad():
                 state, info = self._transition(state, step_energy_fn, transforms, tuning, ctx)
+            if last and final_energy == "skip":  # NaN stands for "not evaluated", not for a divergence
+                info = info._replace(divergent=~torch.isfinite(state.y.detach()).flatten(1).all(dim=1))
             if index < warmup:
                 tuning = self._adapt(tuning, index, warmup, state, info)
                 recorder.record_warmup(info)
             else:
                 recorder.record(index - warmup, state, info)
         return recorder.trajectory(self._adapted(tuning, y0))
+
+
+def not_evaluated(y: Tensor) -> Tensor:
+    """Stands in for the energy of a last state that ``final_energy="skip"`` leaves unscored: NaN per chain."""
+    return torch.full((y.shape[0],), float("nan"), dtype=y.dtype, device=y.device)
 
 
 def without_graph(energy_fn: EnergyFn) -> EnergyFn:

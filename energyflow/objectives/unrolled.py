@@ -109,6 +109,10 @@ class EBTObjective(nn.Module):
     ``step_index_mode``: for a step-conditioned model (``model.step_conditioning`` not ``None``), ``"per_step"``
     scores y_k on index k, ``"single"`` on index 0 at every step (ignored for unconditioned models). Indices
     past the model's last step embedding (e.g. more steps at evaluation than in training) reuse the last one.
+    ``score_final_state``: also evaluate E(y_K) in training, for the ``final_energy`` / ``final_energy_gap``
+    metrics (one more prediction-stream forward per step, without a graph). Off by default: no loss uses it,
+    and the paper's energy gap is between the first and the last step, E(y_0) - E(y_{K-1}). Evaluation
+    always scores y_K.
     """
 
     def __init__(
@@ -126,6 +130,7 @@ class EBTObjective(nn.Module):
         replay_buffer: Optional[ReplayBuffer] = None,
         contrastive: Optional[ContrastiveTerm] = None,
         step_index_mode: str = "per_step",
+        score_final_state: bool = False,
     ):
         super().__init__()
         if isinstance(num_steps, int) and num_steps < 1:
@@ -147,6 +152,7 @@ class EBTObjective(nn.Module):
         self.label_smoothing, self.contrastive = label_smoothing, contrastive
         self.replay_buffer = replay_buffer
         self.step_index_mode = check_step_index_mode(step_index_mode)
+        self.score_final_state = bool(score_final_state)
 
     def forward(self, model: nn.Module, inputs: Tensor, targets: Tensor, *, generator: Optional[torch.Generator] = None,
                 step: int = 0, num_steps: Optional[int] = None) -> ObjectiveOutput:
@@ -167,11 +173,14 @@ class EBTObjective(nn.Module):
             energy_fn, state, num_steps=count, generator=generator, differentiable=training,
             truncate=self.truncate if training else None,
             detach_between_steps=self.detach_between_steps and training,
-            final_energy_graph=False,  # the loss reads the states only (the contrastive term re-scores sg(y_K))
+            # The loss reads the states only (the contrastive term re-scores sg(y_K) itself), so in training
+            # E(y_K) is a metric alone: skipped unless asked for (one prediction-stream forward, ~7% of a
+            # System 1 step); evaluation always scores it.
+            final_energy="value" if (self.score_final_state or not training) else "skip",
         )
         step_losses = [self.loss_fn(trajectory.states[k], targets, self._smoothing(k, count)) for k in range(count)]
         loss = step_losses[-1] if self.loss_on_last_step_only else torch.stack(step_losses).mean()
-        metrics = self._metrics(step_losses, energy_fn.calls, trajectory, sampler, replayed / targets.shape[0])
+        metrics = self._metrics(step_losses, energy_fn.calls, trajectory, sampler, replayed / targets.shape[0], count)
         if training and self.contrastive is not None:  # both scored as the final state y_K (its step index)
             positive = energy_fn.energy_at(self.loss_fn.target_state(targets, state), count)
             term = self.contrastive(positive, energy_fn.energy_at(trajectory.final_state.detach(), count))
@@ -217,18 +226,26 @@ class EBTObjective(nn.Module):
 
     @staticmethod
     def _metrics(step_losses: list[Tensor], energies: list[Tensor], trajectory, sampler: nn.Module,
-                 replayed_fraction: float) -> dict[str, Tensor]:
+                 replayed_fraction: float, count: int) -> dict[str, Tensor]:
         """Per-step and summary scalars, all detached tensors (reading them is the trainer's business).
 
-        ``energies``: per-position energies at y_0 .. y_K (each ``[B, S]``); reported as means per position.
+        ``energies``: per-position energies at y_0 .. y_{K-1} (the states the K steps were taken from) and, when
+        the final state was scored, y_K (each ``[B, S]``); reported as means per position. ``energy_gap`` is the
+        paper's "between first and last step", E(y_0) - E(y_{K-1}) (0 for K = 1); ``final_energy`` and
+        ``final_energy_gap`` = E(y_0) - E(y_K) come with a scored final state.
         """
         losses = [value.detach() for value in step_losses]
         metrics = {f"loss_step_{k + 1}": value for k, value in enumerate(losses)}
-        initial_energy, final_energy = energies[0].float().mean(), energies[-1].float().mean()
+        means = [energy.float().mean() for energy in energies]
         metrics.update(
-            initial_loss=losses[0], final_loss=losses[-1], initial_energy=initial_energy, final_energy=final_energy,
-            energy_gap=initial_energy - final_energy, step_size=_base_step_size(sampler, trajectory),
-            num_steps=torch.tensor(float(len(losses))), replayed_fraction=torch.tensor(replayed_fraction),
+            initial_loss=losses[0], final_loss=losses[-1], initial_energy=means[0],
+            last_step_energy=means[count - 1], energy_gap=means[0] - means[count - 1],
+        )
+        if len(means) > count:
+            metrics.update(final_energy=means[count], final_energy_gap=means[0] - means[count])
+        metrics.update(
+            step_size=_base_step_size(sampler, trajectory), num_steps=torch.tensor(float(len(losses))),
+            replayed_fraction=torch.tensor(replayed_fraction),
         )
         noise = [module.scale.detach() for module in sampler.modules() if isinstance(module, LangevinNoise)]
         if noise:

@@ -22,6 +22,70 @@ def test_rmsnorm_unit_rms_and_gain():
     torch.testing.assert_close(norm(x).pow(2).mean(-1), torch.full((3,), 4.0, dtype=torch.float64))
 
 
+def _composite_rmsnorm(x, weight, eps):
+    """The textbook formula, differentiated by autograd op by op: the reference for the fused node."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def test_rmsnorm_first_and_second_derivatives_equal_the_composite_formula():
+    """RMSNorm's hand-derived backward-of-backward against autograd's own on the textbook formula.
+
+    Float64, a non-trivial upstream gradient and a gain that is not 1: every term of the second derivative
+    (through the normalizer r(x) and n = x r) must match to rounding, or EBT training would silently lose
+    second-order terms.
+    """
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(7, eps=1e-3).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(7, generator=g, dtype=torch.float64) + 0.5)
+    x0 = torch.randn(3, 4, 7, generator=g, dtype=torch.float64) * 2
+    upstream = torch.randn(3, 4, 7, generator=g, dtype=torch.float64)
+    probe = torch.randn(3, 4, 7, generator=g, dtype=torch.float64)
+
+    def second_order(fn):
+        x = x0.clone().requires_grad_(True)
+        (grad_x,) = torch.autograd.grad((fn(x) * upstream).sum(), x, create_graph=True)
+        outer = torch.autograd.grad((grad_x * probe).sum(), (x, norm.weight))
+        return (grad_x.detach(), *outer)
+
+    fused = second_order(norm)
+    composite = second_order(lambda x: _composite_rmsnorm(x, norm.weight, norm.eps))
+    for got, want in zip(fused, composite):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_rmsnorm_gradcheck_and_gradgradcheck():
+    norm = RMSNorm(5, eps=1e-2).double()
+    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(norm, (x,))
+    assert torch.autograd.gradgradcheck(norm, (x,))
+
+
+def test_rmsnorm_third_derivative_equals_the_composite_formula():
+    """A third derivative (create_graph through the hand-written second-order node) stays exact."""
+    g = torch.Generator().manual_seed(1)
+    norm = RMSNorm(5, eps=1e-3).double()
+    x0 = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    up1, up2 = (torch.randn(2, 3, 5, generator=g, dtype=torch.float64) for _ in range(2))
+
+    def third_order(fn):
+        x = x0.clone().requires_grad_(True)
+        (g1,) = torch.autograd.grad((fn(x) * up1).sum(), x, create_graph=True)
+        (g2,) = torch.autograd.grad((g1 * g1 * up2).sum(), x, create_graph=True)
+        return torch.autograd.grad(g2.pow(2).sum(), x)[0]
+
+    torch.testing.assert_close(third_order(norm), third_order(lambda x: _composite_rmsnorm(x, norm.weight, norm.eps)),
+                               rtol=1e-9, atol=1e-10)
+
+
+def test_rmsnorm_low_precision_input_is_normalised_in_float32():
+    norm = RMSNorm(6)
+    x = (torch.randn(4, 6, generator=torch.Generator().manual_seed(0)) * 300).to(torch.bfloat16)
+    expected = _composite_rmsnorm(x.float(), 1.0, norm.eps).to(torch.bfloat16) * norm.weight
+    # Statistics in float32, rounded to bfloat16 once: at most one bfloat16 ulp (2^-7 relative) apart.
+    torch.testing.assert_close(norm(x), expected, rtol=2**-7, atol=0)
+
+
 def test_rope_scores_depend_only_on_relative_position():
     rope = RotaryEmbedding(8)
     q, k = torch.randn(1, 1, 1, 8, dtype=torch.float64), torch.randn(1, 1, 1, 8, dtype=torch.float64)

@@ -71,8 +71,11 @@ def test_two_processes_match_one(tmp_path):
     assert _validation(double) == pytest.approx(_validation(single), rel=1e-5)
     weights_one = load_checkpoint(single / "checkpoints" / "step_00000003.pt")["task"]
     weights_two = load_checkpoint(double / "checkpoints" / "step_00000003.pt")["task"]
+    # AdamW divides each gradient element by its own running RMS, so a summation-order difference in a
+    # near-zero gradient element reaches that weight at up to ~1e-3 of a learning-rate step (measured 1.9e-6
+    # at most); a DDP fault (unaveraged or missing gradients) moves every weight by a whole step (~1e-3).
     for name, value in weights_one.items():
-        torch.testing.assert_close(weights_two[name], value, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(weights_two[name], value, rtol=1e-5, atol=1e-5, msg=name)
 
 
 # The System 2 EBT (replay buffer of capacity 8, half of each batch replayed from step 2 on), shrunk: 2

@@ -41,7 +41,9 @@ def test_per_step_losses_and_summary_metrics(model, batch):
     torch.testing.assert_close(out.loss.detach(), stacked.mean())  # loss at every step, averaged
     assert metrics["initial_loss"] == metrics["loss_step_1"] and metrics["final_loss"] == metrics["loss_step_3"]
     assert metrics["step_size"] == 2.0 and metrics["num_steps"] == 3.0
-    torch.testing.assert_close(metrics["energy_gap"], metrics["initial_energy"] - metrics["final_energy"])
+    # The paper's gap, between the first and the last step: E(y_0) - E(y_2) for 3 steps (y_3 is not scored).
+    torch.testing.assert_close(metrics["energy_gap"], metrics["initial_energy"] - metrics["last_step_energy"])
+    assert "final_energy" not in metrics and "final_energy_gap" not in metrics
     assert all(not v.requires_grad for v in metrics.values())
 
 
@@ -182,22 +184,51 @@ def test_evaluation_has_no_graph_and_uses_the_eval_sampler(model, batch):
     assert out.metrics["step_size"] == 2.0
 
 
-def test_final_state_energy_is_scored_without_a_graph(model, batch, monkeypatch):
-    """The loss reads the states only, so training scores y_K under no_grad (one graph-free forward); the
-    ``final_energy`` metric still equals E(y_K) recomputed (up to the fused vs math attention kernel)."""
-    grad_modes, energy = [], model.energy
+def _recording(model, monkeypatch):
+    """Make ``model.energy`` record (grad mode, candidate) per call; returns the list and the real method."""
+    calls, energy = [], model.energy
 
     def recording_energy(context, candidate):
-        grad_modes.append(torch.is_grad_enabled())
+        calls.append((torch.is_grad_enabled(), candidate.detach().clone()))
         return energy(context, candidate)
 
     monkeypatch.setattr(model, "energy", recording_energy)
+    return calls, energy
+
+
+def test_training_never_scores_the_final_state_by_default(model, batch, monkeypatch):
+    """No loss uses E(y_K), so training runs K energy forwards (all with a graph), not K + 1; the metrics
+    say so (no ``final_energy``) and the energies they do report are those of y_0 .. y_{K-1}."""
+    calls, energy = _recording(model, monkeypatch)
     out = run(EBTObjective(GradientDescent(2.0, learnable=True), num_steps=3), model, batch)
-    assert grad_modes == [True, True, True, False]  # y_0, y_1, y_2 with a graph; y_3 without
-    assert out.loss.requires_grad
+    assert [grad for grad, _ in calls] == [True, True, True]  # y_0, y_1, y_2; never y_3
+    assert not any(torch.equal(candidate, out.final_state) for _, candidate in calls)
+    assert out.loss.requires_grad and "final_energy" not in out.metrics
+    with torch.no_grad():
+        context = model.encode(batch[0])
+        expected = [energy(context, candidate).mean() for _, candidate in calls]
+    torch.testing.assert_close(out.metrics["initial_energy"], expected[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.metrics["last_step_energy"], expected[2], rtol=1e-5, atol=1e-5)
+
+
+def test_score_final_state_scores_y_K_without_a_graph_and_evaluation_always_does(model, batch, monkeypatch):
+    """``score_final_state=True``: one more forward, at y_K and under no_grad; ``final_energy`` equals E(y_K)
+    recomputed (up to the fused vs math attention kernel) and ``final_energy_gap`` = E(y_0) - E(y_K). The
+    losses are those of the default objective exactly. Evaluation scores y_K either way."""
+    calls, energy = _recording(model, monkeypatch)
+    out = run(EBTObjective(GradientDescent(2.0, learnable=True), num_steps=3, score_final_state=True), model, batch)
+    assert [grad for grad, _ in calls] == [True, True, True, False]
     with torch.no_grad():
         final_energy = energy(model.encode(batch[0]), out.final_state).mean()
     torch.testing.assert_close(out.metrics["final_energy"], final_energy, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.metrics["final_energy_gap"], out.metrics["initial_energy"] - final_energy,
+                               rtol=1e-5, atol=1e-5)
+    default = run(EBTObjective(GradientDescent(2.0, learnable=True), num_steps=3), model, batch)
+    assert torch.equal(out.loss, default.loss)
+    objective = EBTObjective(GradientDescent(2.0), num_steps=3).eval()
+    calls.clear()
+    out = run(objective, model, batch)
+    assert len(calls) == 4 and {"final_energy", "final_energy_gap"} <= set(out.metrics)
 
 
 def test_bad_configuration_is_named():

@@ -98,6 +98,17 @@ def test_time_token_model_energy_encodes_or_checks_the_index():
         text_model("adaln").encode(tokens, step_index=0)
 
 
+def test_training_without_score_final_state_never_scores_y_K(monkeypatch):
+    """By default training scores y_0 .. y_{K-1} only (y_K's energy is only a metric): for a time-token
+    EBT that also means y_K's context is never encoded."""
+    for conditioning in ("adaln", "time_token"):
+        model = text_model(conditioning)
+        spy = Spy(model, monkeypatch)
+        run(EBTObjective(GradientDescent(5.0), num_steps=3), model, batch())
+        assert spy.indices == [0, 1, 2]
+        assert spy.encodes == ([None] if conditioning == "adaln" else [0, 1, 2])
+
+
 def test_adaln_state_k_is_scored_on_index_k(monkeypatch):
     """Perturbing embedding row 1 changes E(y_1) but neither E(y_0) nor y_1 (a step-0 gradient)."""
     data = batch()
@@ -106,7 +117,7 @@ def test_adaln_state_k_is_scored_on_index_k(monkeypatch):
     with torch.no_grad():
         other.backbone.step_embed.weight[1].add_(torch.randn(32, generator=torch.Generator().manual_seed(2)))
     spies = [Spy(model, monkeypatch), Spy(other, monkeypatch)]
-    objective = EBTObjective(GradientDescent(5.0), num_steps=3)
+    objective = EBTObjective(GradientDescent(5.0), score_final_state=True, num_steps=3)
     outs = [run(objective, m, data) for m in (model, other)]
     for spy in spies:
         assert spy.indices == [0, 1, 2, 3] and spy.encodes == [None]  # one shared context for adaLN
@@ -127,7 +138,8 @@ def test_single_mode_scores_every_state_on_index_zero(monkeypatch):
     for conditioning in ("adaln", "time_token"):
         model = text_model(conditioning)
         spy = Spy(model, monkeypatch)
-        run(EBTObjective(GradientDescent(5.0), num_steps=3, step_index_mode="single"), model, batch())
+        objective = EBTObjective(GradientDescent(5.0), score_final_state=True, num_steps=3, step_index_mode="single")
+        run(objective, model, batch())
         assert spy.indices == [0, 0, 0, 0]
         assert spy.encodes == ([None] if conditioning == "adaln" else [0])
 
@@ -135,7 +147,7 @@ def test_single_mode_scores_every_state_on_index_zero(monkeypatch):
 def test_time_token_encodes_each_distinct_index_once_and_trains_it(monkeypatch):
     model = text_model("time_token")  # 16 embeddings: y_0..y_2 on 0..2, the final y_3 on 3
     spy = Spy(model, monkeypatch)
-    out = run(EBTObjective(GradientDescent(5.0, learnable=True), num_steps=3), model, batch())
+    out = run(EBTObjective(GradientDescent(5.0, learnable=True), score_final_state=True, num_steps=3), model, batch())
     assert sorted(spy.encodes) == [0, 1, 2, 3] and spy.indices == [0, 1, 2, 3]
     assert spy.graphs == {0: True, 1: True, 2: True, 3: False}  # y_3's energy is only a metric
     out.loss.backward()
@@ -148,7 +160,8 @@ def test_time_token_encodes_each_distinct_index_once_and_trains_it(monkeypatch):
 def test_time_token_with_truncation_keeps_only_the_graph_steps_contexts_in_the_graph(monkeypatch):
     model = text_model("time_token")
     spy = Spy(model, monkeypatch)
-    out = run(EBTObjective(GradientDescent(5.0), num_steps=3, detach_between_steps=False, truncate=1),
+    out = run(EBTObjective(GradientDescent(5.0), score_final_state=True, num_steps=3, detach_between_steps=False,
+                           truncate=1),
               model, batch())
     out.loss.backward()
     assert spy.graphs == {0: False, 1: False, 2: True, 3: False}  # only y_2's step keeps a graph
@@ -184,7 +197,8 @@ def test_contrastive_term_rescores_on_the_final_index(monkeypatch):
     for conditioning in ("adaln", "time_token"):
         model = text_model(conditioning)
         spy = Spy(model, monkeypatch)
-        out = run(EBTObjective(GradientDescent(5.0), num_steps=2, contrastive=ContrastiveTerm()), model, batch())
+        objective = EBTObjective(GradientDescent(5.0), score_final_state=True, num_steps=2, contrastive=ContrastiveTerm())
+        out = run(objective, model, batch())
         assert spy.indices == [0, 1, 2, 2, 2]  # y_0, y_1, y_2 (metric), then ground truth and sg(y_2)
         assert all(energy.requires_grad for _, energy in spy.energies[-2:])
         out.loss.backward()
@@ -195,7 +209,8 @@ def test_contrastive_term_rescores_on_the_final_index(monkeypatch):
 
 def test_replay_buffer_rows_are_encoded_on_every_index(monkeypatch):
     model = text_model("time_token")
-    objective = EBTObjective(GradientDescent(5.0), num_steps=2, replay_buffer=ReplayBuffer(capacity=8, fraction=0.5))
+    objective = EBTObjective(GradientDescent(5.0), score_final_state=True, num_steps=2,
+                             replay_buffer=ReplayBuffer(capacity=8, fraction=0.5))
     run(objective, model, batch(0))
     spy = Spy(model, monkeypatch)
     out = run(objective, model, batch(1), seed=1)
@@ -224,7 +239,8 @@ def test_vector_sequence_model_trains_with_step_conditioning():
 def test_unconditioned_model_is_called_exactly_as_before(monkeypatch):
     model = text_model()
     spy = Spy(model, monkeypatch)
-    run(EBTObjective(GradientDescent(5.0), num_steps=2, contrastive=ContrastiveTerm()), model, batch())
+    objective = EBTObjective(GradientDescent(5.0), score_final_state=True, num_steps=2, contrastive=ContrastiveTerm())
+    run(objective, model, batch())
     assert spy.encodes == [None] and spy.indices == [None] * 5
 
 

@@ -215,3 +215,31 @@ def test_num_threads_is_applied_when_training_starts(tmp_path, make_task, make_t
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="num_threads"):
         make_trainer(num_threads=0)
+
+
+def _denormals_survive() -> bool:
+    """True if this thread keeps denormal floats (1e-39 * 1 stays 1e-39), False if it flushes them to zero."""
+    return float(torch.tensor([1e-39]) * 1.0) != 0.0
+
+
+class _DenormalsSeen(LanguageModelTask):
+    def __init__(self, model):
+        super().__init__(model)
+        self.denormals_seen = []
+
+    def loss(self, batch, *, step, generator):
+        self.denormals_seen.append(_denormals_survive())
+        return super().loss(batch, step=step, generator=generator)
+
+
+def test_denormals_are_flushed_while_training_and_restored_after(tmp_path, make_task, make_trainer, tiny_data):
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU has no flush-to-zero mode (torch.set_flush_denormal is x86/SSE3 only)")
+    assert _denormals_survive()
+    task = _DenormalsSeen(make_task().model)
+    make_trainer(num_steps=2).fit(task, tiny_data, tmp_path / "default")
+    assert task.denormals_seen == [False, False]  # flushed during every step ...
+    assert _denormals_survive()  # ... and the process is left as it was found
+    task = _DenormalsSeen(make_task().model)
+    make_trainer(num_steps=2, flush_denormal=False).fit(task, tiny_data, tmp_path / "off")
+    assert task.denormals_seen == [True, True]

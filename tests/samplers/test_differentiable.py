@@ -160,8 +160,8 @@ def test_non_differentiable_run_builds_no_graph():
 
 
 @pytest.mark.parametrize("sampler_class", [GradientDescent, Langevin])
-def test_final_energy_graph_false_drops_only_the_last_energys_graph(sampler_class):
-    """``final_energy_graph=False``: E(y_T) is evaluated under no_grad (the energy function sees grad mode off
+def test_final_energy_value_drops_only_the_last_energys_graph(sampler_class):
+    """``final_energy="value"``: E(y_T) is evaluated under no_grad (the energy function sees grad mode off
     once, on the last call) and carries no graph; the states, the other energies and every gradient of a loss
     on the states are exactly those of the default run."""
     energy = QuarticEnergy()
@@ -171,16 +171,16 @@ def test_final_energy_graph_false_drops_only_the_last_energys_graph(sampler_clas
         grad_modes.append(torch.is_grad_enabled())
         return energy(y)
 
-    def run(final_energy_graph):
+    def run(final_energy):
         sampler = sampler_class(0.05).double()
         generator = torch.Generator().manual_seed(3)
         trace = sampler.run(energy_fn, Y0, num_steps=3, differentiable=True, generator=generator,
-                            final_energy_graph=final_energy_graph)
+                            final_energy=final_energy)
         loss = (trace.states - TARGET).square().sum()
         return trace, torch.autograd.grad(loss, list(energy.parameters()), retain_graph=True)
 
-    (default, default_grads), calls = run(True), len(grad_modes)
-    lean, lean_grads = run(False)
+    (default, default_grads), calls = run("graph"), len(grad_modes)
+    lean, lean_grads = run("value")
     assert grad_modes[:calls] == [True] * calls and grad_modes[calls:] == [True] * (calls - 1) + [False]
     def last_energy_grad(trace):  # a stacked row always has a grad_fn: ask what reaches the parameters
         grads = torch.autograd.grad(trace.energies[-1].sum(), list(energy.parameters()), allow_unused=True,
@@ -201,3 +201,50 @@ def test_final_energy_graph_default_keeps_a_loss_on_the_last_energy():
     got = torch.autograd.grad(trace.energies[-1].sum(), energy.center)[0]
     expected = torch.autograd.grad(energy(hand_unrolled(energy, 0.05, 2)[-1]).sum(), energy.center)[0]
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("sampler_class", [GradientDescent, Langevin])
+def test_final_energy_skip_never_scores_the_last_state(sampler_class):
+    """``final_energy="skip"``: the energy function is called T times instead of T + 1 (never at y_T),
+    ``energies[-1]`` is NaN, the last step is not flagged divergent for it, and the states, the other
+    energies and every gradient of a loss on the states equal the default run's exactly."""
+    energy = QuarticEnergy()
+    calls = []
+
+    def energy_fn(y):
+        calls.append(y.detach().clone())
+        return energy(y)
+
+    def run(final_energy):
+        calls.clear()
+        sampler = sampler_class(0.05).double()
+        trace = sampler.run(energy_fn, Y0, num_steps=3, differentiable=True,
+                            generator=torch.Generator().manual_seed(3), final_energy=final_energy)
+        loss = (trace.states - TARGET).square().sum()
+        return trace, torch.autograd.grad(loss, list(energy.parameters())), len(calls)
+
+    default, default_grads, default_calls = run("graph")
+    skipped, skipped_grads, skipped_calls = run("skip")
+    assert (default_calls, skipped_calls) == (4, 3)  # y_0, y_1, y_2 (+ y_3 by default)
+    assert not any(torch.equal(y, skipped.states[-1].detach()) for y in calls)
+    assert torch.isnan(skipped.energies[-1]).all() and torch.isfinite(default.energies[-1]).all()
+    assert not skipped.info["divergent"].any()
+    torch.testing.assert_close(skipped.states, default.states, rtol=0, atol=0)
+    torch.testing.assert_close(skipped.energies[:-1], default.energies[:-1], rtol=0, atol=0)
+    for got, want in zip(skipped_grads, default_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_final_energy_skip_still_flags_a_non_finite_last_state():
+    steep = lambda y: 1e300 * y.square().sum(-1)  # noqa: E731  one step of size 1 overflows float64
+    trace = GradientDescent(1.0).double().run(steep, Y0, num_steps=2, final_energy="skip")
+    assert not torch.isfinite(trace.states[-1]).all(dim=-1).any()
+    assert trace.info["divergent"][-1].all()  # the unscored last state itself is non-finite: a divergence
+
+
+def test_final_energy_skip_is_refused_by_metropolis_samplers_and_bad_values_are_named():
+    energy = QuarticEnergy()
+    with pytest.raises(ValueError, match="accept/reject test"):
+        MALA(0.1).double().run(energy, Y0, num_steps=2, final_energy="skip")
+    with pytest.raises(ValueError, match="final_energy must be 'graph', 'value' or 'skip'"):
+        GradientDescent(0.1).double().run(energy, Y0, num_steps=2, final_energy=False)
