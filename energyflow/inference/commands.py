@@ -182,7 +182,8 @@ def _rerank(args: argparse.Namespace, console: Console, prompt: Tensor, continua
     if not isinstance(model, TextEBM):
         raise ValueError(f"--rerank-with {args.rerank_with} is not an EBT run; the verifier must be an EBT")
     _check_room(model, prompt[None], continuations.shape[1])
-    scores = score_continuations(model, prompt.to(verifier.device), list(continuations.to(verifier.device)))
+    scores = score_continuations(model, prompt.to(verifier.device), list(continuations.to(verifier.device)),
+                                 step_index_mode=_step_index_mode(verifier.task))
     table = Table(title=f"{len(continuations)} continuations of {args.prompt!r}, ranked by EBT energy (lower first)")
     for column in ("rank", "mean energy", "continuation"):
         table.add_column(column, justify="left" if column == "continuation" else "right")

@@ -292,3 +292,31 @@ def test_hnet_context_with_adaln_trains_through_the_hnet_task():
     loss, _ = task.loss({"tokens": tokens, "targets": targets}, step=0, generator=torch.Generator())
     loss.backward()
     assert torch.isfinite(loss) and ebt.step_modulation[0].weight.grad.abs().sum() > 0
+
+
+def test_verifier_scores_observed_text_on_the_last_trained_index(monkeypatch):
+    """Observed text is a fully descended state: a step-conditioned EBT scores it on its last step embedding
+    (index 0 in "single" mode), through a context encoded on that index for a time-token EBT; the ranking
+    of continuations uses the same index and agrees with scoring each continuation on its own."""
+    from energyflow.verifier import score_continuations, token_energies
+    from energyflow.verifier.scoring import observed_state
+
+    tokens = torch.randint(0, VOCAB, (2, LENGTH), generator=torch.Generator().manual_seed(5))
+    for conditioning in ("adaln", "time_token"):
+        model = text_model(conditioning, num_step_embeddings=3)
+        spy = Spy(model, monkeypatch)
+        got = token_energies(model, tokens)
+        assert [index for index, _ in spy.energies] == [2]
+        assert spy.encodes == ([None] if conditioning == "adaln" else [2])
+        single = token_energies(model, tokens, step_index_mode="single")
+        assert [index for index, _ in spy.energies] == [2, 0]
+        assert not torch.allclose(got, single)  # the index matters for this model
+        with torch.no_grad():  # what the model itself gives on index 2, computed directly
+            cache = model.encode(tokens[:, :-1], **({"step_index": 2} if conditioning == "time_token" else {}))
+            expected = model.energy(cache, observed_state(tokens[:, 1:], VOCAB), step_index=2)
+        torch.testing.assert_close(got, expected)
+        prompt, continuations = tokens[0, :3], [tokens[0, 3:], tokens[1, 3:5]]
+        scores = score_continuations(model, prompt, continuations)
+        for row, continuation in enumerate(continuations):
+            alone = token_energies(model, torch.cat((prompt, continuation))[None])[0, len(prompt) - 1:]
+            torch.testing.assert_close(scores.token_energies[row], alone, rtol=1e-5, atol=1e-5)
