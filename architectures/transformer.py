@@ -1,7 +1,7 @@
 """Transformer++ (Llama-style) baseline: RoPE, pre-RMSNorm, SwiGLU, no biases, untied LM head, KV cache."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -96,12 +96,20 @@ class TransformerPP(nn.Module):
 
     With a ``KVCache`` (start from ``KVCache()``), tokens continue the cached sequence and the cache grows;
     feeding a sequence token by token gives the same logits as one full pass.
+    ``attention_backend`` (optional) overrides ``config.attention_backend`` for this model only: the baseline
+    recipe binds ``'fused'``, since a language model trains with first-order gradients (``'auto'`` would
+    pick the double-differentiable math path whenever a graph is built).
     """
 
-    def __init__(self, config: TransformerConfig, vocab_size: int) -> None:
+    def __init__(self, config: TransformerConfig, vocab_size: int, *,
+                 attention_backend: Optional[AttentionBackend] = None) -> None:
         super().__init__()
         if vocab_size <= 0:
             raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+        if attention_backend is not None:
+            if attention_backend not in ("auto", "math", "fused"):
+                raise ValueError(f"attention_backend must be 'auto', 'math' or 'fused', got {attention_backend!r}")
+            config = replace(config, attention_backend=attention_backend)
         self.config, self.vocab_size = config, vocab_size
         self.embed = nn.Embedding(vocab_size, config.dim)
         self.blocks = build_blocks(config)

@@ -123,3 +123,28 @@ def test_attention_backend_can_be_forced(fused_calls):
     assert calls == []  # "math" even where "auto" would have chosen the fused kernel
     TransformerPP(_tiny(attention_backend="fused"), VOCAB)(tokens)
     assert len(calls) == 2  # "fused" even with a graph (first-order training of the baseline)
+
+
+def test_attention_backend_override_trains_on_the_fused_kernel(fused_calls):
+    """``TransformerPP(attention_backend='fused')`` (what the baseline recipe binds) runs the fused kernel even
+    while a graph is built, gives the math path's logits and gradients to float32 rounding, and leaves the
+    shared config alone."""
+    config = _tiny()
+    torch.manual_seed(0)
+    math_model = TransformerPP(config, VOCAB)
+    torch.manual_seed(0)
+    fused_model = TransformerPP(config, VOCAB, attention_backend="fused")
+    assert fused_model.config.attention_backend == "fused" and config.attention_backend == "auto"
+    tokens = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for model in (math_model, fused_model):
+        before = len(fused_calls)
+        logits = model(tokens)
+        losses.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten()))
+        losses[-1].backward()
+        assert len(fused_calls) - before == (config.num_layers if model is fused_model else 0)
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(math_model.parameters(), fused_model.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="attention_backend must be"):
+        TransformerPP(config, VOCAB, attention_backend="flash")
