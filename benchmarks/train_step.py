@@ -231,6 +231,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="measured steps per variant")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps first")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON and markdown results")
     parser.add_argument("--keep-denormals", action="store_true",
                         help="do not flush denormals to zero (the Trainer flushes them by default, see Trainer)")
     parser.add_argument("--memory-of", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -242,12 +243,12 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available; run on a GPU machine or use --device cpu")
     report = cuda_report(args) if args.device == "cuda" else cpu_report(args)
-    settings = {**{k: v for k, v in vars(args).items() if k not in ("memory_of", "keep_denormals")},
+    settings = {**{k: v for k, v in vars(args).items() if k not in ("memory_of", "keep_denormals", "out")},
                 "torch": torch.__version__}
     result = {"settings": settings, "report": report}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"train_step_{args.device}.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / f"train_step_{args.device}.md").write_text(markdown(result))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"train_step_{args.device}.json").write_text(json.dumps(result, indent=2))
+    (args.out / f"train_step_{args.device}.md").write_text(markdown(result))
     print(markdown(result))
 
 
