@@ -158,13 +158,21 @@ class NUTS(nn.Module):
         differentiable: bool = False,
         truncate: Optional[int] = None,
         detach_between_steps: bool = False,
+        final_energy: str = "graph",
     ) -> Trajectory:
         """Run each of the C chains of ``y0`` [C, *event] for ``warmup`` + ``num_steps`` NUTS transitions.
 
         Seeds for the chains are drawn from ``generator`` (or torch's global RNG), so a run is reproducible
         and chains are independent. Returns a ``Trajectory`` like every sampler (``adapted``: the final
-        ``step_size`` [C] and diagonal ``inverse_mass`` [C, *event]).
+        ``step_size`` [C] and diagonal ``inverse_mass`` [C, *event]). ``final_energy`` is accepted for the
+        shared signature: without a differentiable mode ``"graph"`` and ``"value"`` are the same, and
+        ``"skip"`` is refused (the trees need every energy).
         """
+        if final_energy not in ("graph", "value", "skip"):
+            raise ValueError(f"final_energy must be 'graph', 'value' or 'skip', got {final_energy!r}")
+        if final_energy == "skip":
+            raise ValueError("NUTS needs the energy of every state it visits (tree building and the accept "
+                             "test), so final_energy='skip' is not possible; use 'graph' or 'value'")
         if differentiable:
             raise ValueError("NUTS has no differentiable mode: its Metropolis-corrected, adaptively sized trees "
                              "are not differentiable. Use GradientDescent or Langevin with differentiable=True.")
