@@ -69,7 +69,7 @@ class Trainer:
     (``torch.set_flush_denormal``; x86 with SSE3, ignored elsewhere), switched off again when ``fit`` returns.
     The second-order passes of EBT training produce many denormals (tiny gradients of an energy whose head
     starts near zero), and arithmetic on them is ~8x slower on x86: the first EBT step took 13.7 s instead
-    of 6.7 s and later ones ~5% longer without it (benchmarks/train_step.py). Values below ~1e-38 become 0;
+    of 6.7 s and later ones 2-5% longer without it (benchmarks/train_step.py). Values below ~1e-38 become 0;
     nothing a float32 loss can resolve changes. The mode is per thread: the training thread and intra-op
     worker threads started after it get it."""
 
