@@ -209,13 +209,8 @@ class Sampler(nn.Module):
         checks the state alone; only for samplers without accept/reject (GradientDescent, Langevin). A loss on
         the states alone saves one energy forward per run with ``"value"`` or ``"skip"``.
         """
-        if final_energy not in ("graph", "value", "skip"):
-            raise ValueError(f"final_energy must be 'graph', 'value' or 'skip', got {final_energy!r}")
-        if final_energy == "skip" and not self.supports_differentiable:
-            raise ValueError(
-                f"{type(self).__name__} needs the energy of its last proposal for the accept/reject test, so "
-                "final_energy='skip' is not possible; use 'graph' or 'value'"
-            )
+        check_final_energy(final_energy, None if self.supports_differentiable else
+                           f"{type(self).__name__} needs the energy of its last proposal for the accept/reject test")
         if differentiable and not self.supports_differentiable:
             raise ValueError(
                 f"{type(self).__name__} has a Metropolis correction, which is not differentiable (accept/reject "
@@ -253,6 +248,14 @@ class Sampler(nn.Module):
             else:
                 recorder.record(index - warmup, state, info)
         return recorder.trajectory(self._adapted(tuning, y0))
+
+
+def check_final_energy(final_energy: str, cannot_skip: Optional[str] = None) -> None:
+    """Validate ``run``'s ``final_energy``; ``cannot_skip`` (why this sampler needs every energy) refuses "skip"."""
+    if final_energy not in ("graph", "value", "skip"):
+        raise ValueError(f"final_energy must be 'graph', 'value' or 'skip', got {final_energy!r}")
+    if final_energy == "skip" and cannot_skip is not None:
+        raise ValueError(f"{cannot_skip}, so final_energy='skip' is not possible; use 'graph' or 'value'")
 
 
 def not_evaluated(y: Tensor) -> Tensor:

@@ -25,7 +25,7 @@ import pyro.infer
 import torch
 from torch import Tensor, nn
 
-from samplers.base import Recorder, check_run_args
+from samplers.base import Recorder, check_final_energy, check_run_args
 from samplers.energy import EnergyFn, check_energy_shape, check_finite_start, energy_and_grad
 from samplers.trajectory import Trajectory
 
@@ -168,11 +168,8 @@ class NUTS(nn.Module):
         shared signature: without a differentiable mode ``"graph"`` and ``"value"`` are the same, and
         ``"skip"`` is refused (the trees need every energy).
         """
-        if final_energy not in ("graph", "value", "skip"):
-            raise ValueError(f"final_energy must be 'graph', 'value' or 'skip', got {final_energy!r}")
-        if final_energy == "skip":
-            raise ValueError("NUTS needs the energy of every state it visits (tree building and the accept "
-                             "test), so final_energy='skip' is not possible; use 'graph' or 'value'")
+        check_final_energy(final_energy, "NUTS needs the energy of every state it visits (tree building and the "
+                                         "accept test)")
         if differentiable:
             raise ValueError("NUTS has no differentiable mode: its Metropolis-corrected, adaptively sized trees "
                              "are not differentiable. Use GradientDescent or Langevin with differentiable=True.")
