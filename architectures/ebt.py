@@ -100,7 +100,7 @@ class EBT(nn.Module):
             self.step_embed = nn.Embedding(num_step_embeddings, config.dim)
         if step_conditioning == "adaln":
             self.step_modulation = nn.ModuleList(nn.Linear(config.dim, 4 * config.dim) for _ in self.blocks)
-        init_linear(self, config.init)
+        init_linear(self, config.init, embedding_std=config.embedding_std)
         if step_conditioning == "adaln":
             for linear in self.step_modulation:
                 zero_init(linear)

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 AttentionBackend = Literal["auto", "math", "fused"]
-InitScheme = Literal["xavier", "normal"]
+InitScheme = Literal["xavier", "xavier_normal", "normal"]
+INIT_SCHEMES = ("xavier", "xavier_normal", "normal")
 
 
 class RMSNorm(nn.Module):
@@ -336,21 +337,26 @@ class TransformerBlock(nn.Module):
         return x + self.ffn(modulate(self.ffn_norm(x), shift_f, scale_f)), kv
 
 
-def init_linear(module: nn.Module, scheme: InitScheme = "xavier", std: float = 0.02) -> None:
-    """Initialise every ``nn.Linear`` below ``module``: xavier-uniform (the paper's code) or N(0, std);
-    biases to zero. Embeddings get N(0, std)."""
-    if scheme not in ("xavier", "normal"):
-        raise ValueError(f"init scheme must be 'xavier' or 'normal', got {scheme!r}")
+def init_linear(module: nn.Module, scheme: InitScheme = "xavier", std: float = 0.02,
+                embedding_std: Optional[float] = None) -> None:
+    """Initialise every ``nn.Linear`` below ``module``: xavier-uniform, xavier-normal (the EBT reference's
+    ``nn.init.xavier_normal_``; the same variance as xavier-uniform) or N(0, std); biases to zero.
+    Embeddings get N(0, ``embedding_std``) (default ``std``; the reference keeps PyTorch's N(0, 1))."""
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f"init scheme must be one of {INIT_SCHEMES}, got {scheme!r}")
+    embedding_std = std if embedding_std is None else embedding_std
     for sub in module.modules():
         if isinstance(sub, nn.Linear):
             if scheme == "xavier":
                 nn.init.xavier_uniform_(sub.weight)
+            elif scheme == "xavier_normal":
+                nn.init.xavier_normal_(sub.weight)
             else:
                 nn.init.normal_(sub.weight, std=std)
             if sub.bias is not None:
                 nn.init.zeros_(sub.bias)
         elif isinstance(sub, nn.Embedding):
-            nn.init.normal_(sub.weight, std=std)
+            nn.init.normal_(sub.weight, std=embedding_std)
 
 
 def zero_init(linear: nn.Linear) -> None:

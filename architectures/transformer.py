@@ -32,6 +32,7 @@ class TransformerConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     init: InitScheme = "xavier"
+    embedding_std: float = 0.02
     attention_backend: AttentionBackend = "auto"
 
     def __post_init__(self) -> None:
@@ -114,7 +115,7 @@ class TransformerPP(nn.Module):
         self.embed = nn.Embedding(vocab_size, config.dim)
         self.blocks = build_blocks(config)
         self.head = LMHead(config.dim, vocab_size, norm_eps=config.norm_eps)
-        init_linear(self, config.init)
+        init_linear(self, config.init, embedding_std=config.embedding_std)
 
     def forward(self, tokens: Tensor, cache: Optional[KVCache] = None) -> Tensor:
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):

@@ -45,8 +45,8 @@ def _train(args: argparse.Namespace, console: Console) -> int:
 def _eval(args: argparse.Namespace, console: Console) -> int:
     result, _, step = load_run(args.run_dir, device=args.device)
     counts = step_counts(args.max_steps)
-    results = {f"{Path(args.run_dir).name} (step {step})": evaluate_steps(result, counts)}
-    console.print(comparison_table(results))
+    name = f"{Path(args.run_dir).name} (step {step})"
+    console.print(comparison_table({name: evaluate_steps(result, counts)}, {name: result.task.describe()}))
     return 0
 
 

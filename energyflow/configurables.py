@@ -36,11 +36,12 @@ _register("energyflow.optim", optim.paper_learning_rate)
 def transformer_preset(size: str, *, max_seq_len: Optional[int] = None, ffn_hidden: Optional[int] = None,
                        ffn_multiplier: Optional[float] = None, rope_theta: Optional[float] = None,
                        norm_eps: Optional[float] = None, init: Optional[str] = None,
+                       embedding_std: Optional[float] = None,
                        attention_backend: Optional[str] = None) -> architectures.TransformerConfig:
     """``TransformerConfig.from_preset`` with an explicit signature, so that gin rejects a typo'd field at
     parse time (naming the file and line). ``None`` keeps the dataclass default."""
     overrides = {"max_seq_len": max_seq_len, "ffn_hidden": ffn_hidden, "ffn_multiplier": ffn_multiplier,
-                 "rope_theta": rope_theta, "norm_eps": norm_eps, "init": init,
+                 "rope_theta": rope_theta, "norm_eps": norm_eps, "init": init, "embedding_std": embedding_std,
                  "attention_backend": attention_backend}
     return architectures.TransformerConfig.from_preset(size, **{k: v for k, v in overrides.items() if v is not None})
 

@@ -22,7 +22,7 @@ from energyflow.data import TextData
 from energyflow.distributed import resolve_device
 from energyflow.evaluation import evaluate_task
 from energyflow.tasks import Task
-from energyflow.trainer import RunResult, Trainer
+from energyflow.trainer import DTYPES, RunResult, Trainer
 
 
 def train(out_dir: Union[str, Path], task: Callable[[], Task], data: TextData, trainer: Trainer) -> RunResult:
@@ -51,15 +51,20 @@ def evaluate_steps(result: RunResult, eval_steps: Sequence[int]) -> dict[Optiona
             for k in counts}
 
 
-def comparison_table(results: dict[str, dict[Optional[int], dict[str, float]]]) -> Table:
-    """One row per (run, number of optimization steps): validation loss and perplexity."""
+def comparison_table(results: dict[str, dict[Optional[int], dict[str, float]]],
+                     details: Optional[dict[str, dict[str, str]]] = None) -> Table:
+    """One row per (run, number of optimization steps): validation loss and perplexity, plus a column per
+    ``details`` entry (``Task.describe()`` of each run, e.g. an EBT's descent rule; "-" where a run has none)."""
+    details = details or {}
+    extra = sorted({key for described in details.values() for key in described})
     table = Table(title="validation")
-    for column in ("run", "optimization steps", "loss", "perplexity"):
-        table.add_column(column, justify="left" if column == "run" else "right")
+    for column in ("run", "optimization steps", "loss", "perplexity", *extra):
+        table.add_column(column, justify="right" if column in ("optimization steps", "loss", "perplexity") else "left")
     for name, by_steps in results.items():
+        described = [details.get(name, {}).get(key, "-") for key in extra]
         for steps, metrics in by_steps.items():
             table.add_row(name, "-" if steps is None else str(steps), f"{metrics['loss']:.4f}",
-                          f"{metrics['perplexity']:.3f}")
+                          f"{metrics['perplexity']:.3f}", *described)
     return table
 
 
@@ -70,13 +75,14 @@ def compare(out_dir: Union[str, Path], runs: Sequence[str], eval_steps: Sequence
     if not runs:
         raise ValueError("compare.runs is empty; name the gin scopes to train, e.g. ['baseline', 'ebt']")
     configured_train = gin.get_configurable("train")
-    results = {}
+    results, details = {}, {}
     for name in runs:
         with gin.config_scope(name):
             result = configured_train(out_dir=Path(out_dir) / name)
         results[name] = evaluate_steps(result, eval_steps)
+        details[name] = result.task.describe()
     if int(os.environ.get("RANK", "0")) == 0:
-        (console or Console()).print(comparison_table(results))
+        (console or Console()).print(comparison_table(results, details))
     return results
 
 
@@ -112,7 +118,7 @@ def load_run(run_dir: Union[str, Path], device: str = "auto") -> tuple[RunResult
     with gin.config_scope(scope or None):
         task = task_fn()
     ckpt.check_fingerprint(payload, task, latest)
+    task.to(resolved, DTYPES[trainer.dtype])  # before loading: a float64 run's weights stay float64
     task.load_state_dict(payload["task"])
-    task.to(resolved)
     result = RunResult(out_dir=run_dir, task=task, validation_windows=trainer.validation_batches(data), device=resolved)
     return result, trainer, payload["step"]

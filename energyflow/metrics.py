@@ -22,7 +22,13 @@ def mean_metrics(parts: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             raise ValueError(f"metric {key!r} must be a scalar tensor (a mean over the batch), got "
                              f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
-    return {key: torch.stack([part[key].detach().float().reshape(()) for part in parts]).mean() for key in keys}
+    return {key: torch.stack([_at_least_float32(part[key].detach()).reshape(()) for part in parts]).mean()
+            for key in keys}
+
+
+def _at_least_float32(value: Tensor) -> Tensor:
+    """float32 metrics (bf16 under autocast promoted); float64 ones (a float64 run) kept as they are."""
+    return value if value.dtype == torch.float64 else value.float()
 
 
 def perplexity_name(loss_name: str) -> str:

@@ -28,8 +28,11 @@ from torch import Tensor, nn
 
 from architectures.ebt import EBT, ContextCache
 from architectures.layers import init_linear
+from samplers.parametrization import Parametrization, SoftmaxParametrization
 
 CandidateEmbedding = Literal["linear", "tied"]
+DescentSpace = Literal["logits", "probabilities"]
+DESCENT_SPACES = ("logits", "probabilities")
 StepIndexMode = Literal["per_step", "single"]
 STEP_INDEX_MODES = ("per_step", "single")
 
@@ -39,6 +42,27 @@ def check_step_index_mode(mode: str) -> str:
         raise ValueError(f"step_index_mode must be 'per_step' (state y_k on index k) or 'single' (index 0 at every "
                          f"step), got {mode!r}")
     return mode
+
+
+def check_descent_space(descent_space: str) -> str:
+    if descent_space not in DESCENT_SPACES:
+        raise ValueError(f"descent_space must be 'probabilities' (the paper's rule: gradient w.r.t. p = softmax(y), "
+                         f"next state p - a * dE/dp) or 'logits' (gradient through the softmax, next state "
+                         f"y - a * dE/dy), got {descent_space!r}")
+    return descent_space
+
+
+def model_parametrization(model: nn.Module, descent_space: Optional[str]) -> Optional[Parametrization]:
+    """The parametrization a descent over ``model``'s candidates uses for ``descent_space``; ``None`` when
+    ``descent_space`` is ``None`` (the energy reads the state as it is: for a text EBT, the logit rule through
+    its own softmax). A model without ``parametrization`` (continuous candidates) refuses a descent space."""
+    if descent_space is None:
+        return None
+    if not callable(getattr(model, "parametrization", None)):
+        raise ValueError(f"descent_space={descent_space!r} applies to a model whose candidate is read through a map "
+                         f"(a text EBT's softmax); {type(model).__name__} reads its candidate as it is: leave "
+                         "descent_space unset (None)")
+    return model.parametrization(descent_space)
 
 
 def conditioning_ebt(backbone: nn.Module) -> Optional[EBT]:
@@ -129,11 +153,12 @@ class DistributionAdapter(nn.Module):
         # A plain attribute (not a submodule) so the shared embedding is registered once, by the model.
         self._token_embedding = [token_embedding]
 
-    def forward(self, logits: Tensor) -> Tensor:
-        if logits.shape[-1] != self.vocab_size:
-            raise ValueError(f"candidate logits have {logits.shape[-1]} classes, the model's vocabulary "
+    def forward(self, candidate: Tensor, mapped: bool = False) -> Tensor:
+        """``candidate``: logits, or (``mapped=True``) already a distribution ``softmax(logits)``."""
+        if candidate.shape[-1] != self.vocab_size:
+            raise ValueError(f"candidate logits have {candidate.shape[-1]} classes, the model's vocabulary "
                              f"has {self.vocab_size}")
-        probabilities = torch.softmax(logits, dim=-1)  # [B, S, V]
+        probabilities = candidate if mapped else torch.softmax(candidate, dim=-1)  # [B, S, V]
         if self.projection is not None:
             return self.projection(probabilities)
         weight = self._token_embedding[0].weight  # [V, D]
@@ -153,7 +178,7 @@ class TextEBM(_StepConditioned):
         self.candidate = DistributionAdapter(vocab_size, dim, mode=candidate_embedding,
                                              token_embedding=self.token_embedding)
         init_linear(self.candidate, backbone.config.init)
-        init_linear(self.token_embedding, backbone.config.init)
+        init_linear(self.token_embedding, backbone.config.init, embedding_std=backbone.config.embedding_std)
         self.backbone = backbone
 
     def encode(self, tokens: Tensor, step_index: Optional[int] = None) -> ContextCache:
@@ -165,19 +190,29 @@ class TextEBM(_StepConditioned):
         return self._encode_real(self.token_embedding(tokens), step_index)
 
     def energy(self, context: Union[Tensor, ContextCache], candidate: Tensor,
-               step_index: Optional[int] = None) -> Tensor:
+               step_index: Optional[int] = None, *, mapped: bool = False) -> Tensor:
         """``candidate`` logits ``[B, S, V]`` -> energies ``[B, S]``; ``context`` is tokens or ``encode(tokens)``.
 
+        ``mapped=True``: ``candidate`` is already the distribution ``softmax(logits)`` (the image point of
+        ``parametrization``, which a parametrized descent hands its energy).
         ``step_index``: for adaLN, the index scored on; for a time-token EBT, the index its cache was encoded
         on (checked; tokens are encoded on it)."""
-        return self._energies(context, self.candidate(candidate), step_index)
+        return self._energies(context, self.candidate(candidate, mapped), step_index)
 
-    def forward(self, tokens: Tensor, candidate: Tensor, step_index: Optional[int] = None) -> Tensor:
+    def forward(self, tokens: Tensor, candidate: Tensor, step_index: Optional[int] = None, *,
+                mapped: bool = False) -> Tensor:
         """The uncached path (all ``2S`` tokens through the stack); equals ``energy(encode(tokens), ...)``
-        (``step_index``: the index scored on, for either kind of step conditioning)."""
+        (``step_index``: the index scored on, for either kind of step conditioning; ``mapped``: as there)."""
         if step_index is None:
-            return self.backbone(self.token_embedding(tokens), self.candidate(candidate))
-        return self.backbone(self.token_embedding(tokens), self.candidate(candidate), step_index)
+            return self.backbone(self.token_embedding(tokens), self.candidate(candidate, mapped))
+        return self.backbone(self.token_embedding(tokens), self.candidate(candidate, mapped), step_index)
+
+    @staticmethod
+    def parametrization(descent_space: DescentSpace) -> SoftmaxParametrization:
+        """How a descent over this model's logits reads them: ``softmax``, with the gradient w.r.t. the
+        probabilities and the next state ``p - a * dE/dp`` (``"probabilities"``, the paper's reference code) or
+        through the softmax, ``y - a * dE/dy`` (``"logits"``). See ``samplers.parametrization``."""
+        return SoftmaxParametrization(check_descent_space(descent_space))
 
     def candidate_shape(self, targets: Tensor) -> tuple[int, ...]:
         return (*targets.shape, self.vocab_size)
@@ -225,10 +260,14 @@ class StepEnergy:
     is ``None`` unless the model is a time-token EBT); each distinct context is built once, on first use,
     and kept in ``contexts`` (``prepare`` builds some ahead, e.g. inside a graph). Works with any model that
     has ``encode``/``energy``; without a ``step_conditioning`` attribute it counts as unconditioned.
+    ``parametrization``: the one the descent runs with (``model_parametrization``); its calls then hand the image
+    point ``u = map(y)`` (a text EBT's probabilities), scored with ``model.energy(..., mapped=True)``.
     """
 
-    def __init__(self, model: nn.Module, encode: Encoder, *, mode: str = "per_step") -> None:
+    def __init__(self, model: nn.Module, encode: Encoder, *, mode: str = "per_step",
+                 parametrization: Optional[Parametrization] = None) -> None:
         self.model, self._encode, self.mode = model, encode, check_step_index_mode(mode)
+        self.mapped = parametrization is not None
         self.time_token = getattr(model, "step_conditioning", None) == "time_token"
         self.contexts: dict[Optional[int], ContextCache] = {}
         self.num_calls = 0
@@ -253,15 +292,18 @@ class StepEnergy:
             if key not in self.contexts:
                 self.contexts[key] = (encode or self._encode)(key)
 
-    def energy_at(self, y: Tensor, state_index: int) -> Tensor:
-        """The energy of ``y`` scored as the state ``y_{state_index}`` (does not advance the call count)."""
+    def energy_at(self, y: Tensor, state_index: int, *, mapped: bool = False) -> Tensor:
+        """The energy of the state ``y`` scored as ``y_{state_index}`` (does not advance the call count);
+        ``mapped=True``: ``y`` is already the image point ``map(state)`` of the model's parametrization."""
         context, index = self.context(state_index), self.index(state_index)
+        keywords = {"mapped": True} if mapped else {}
         if index is None or self.time_token:
-            return self.model.energy(context, y)
-        return self.model.energy(context, y, step_index=index)
+            return self.model.energy(context, y, **keywords)
+        return self.model.energy(context, y, step_index=index, **keywords)
 
     def __call__(self, y: Tensor) -> Tensor:
-        energy = self.energy_at(y, self.num_calls)
+        """What a descent calls: with a ``parametrization``, on the image point it hands (see the class)."""
+        energy = self.energy_at(y, self.num_calls, mapped=self.mapped)
         self.num_calls += 1
         return energy
 

@@ -69,6 +69,10 @@ class Task(nn.Module):
     def no_weight_decay(self) -> tuple[str, ...]:
         return ()
 
+    def describe(self) -> dict[str, str]:
+        """How this task computes its numbers, for reports (e.g. an EBT's descent rule): name -> value."""
+        return {}
+
 
 def check_batch(batch: Batch) -> None:
     """Clear error unless ``batch`` has int64 ``tokens`` and ``targets`` of the same ``[B, S]`` shape."""
@@ -94,8 +98,9 @@ class LanguageModelTask(Task):
     def _cross_entropy(self, batch: Batch) -> Tensor:
         check_batch(batch)
         logits = self.model(batch["tokens"])  # [B, S, V]
-        # float32 log-softmax: under bf16 autocast the logits arrive in bf16.
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten())
+        # At least float32 log-softmax: under bf16 autocast the logits arrive in bf16 (a float64 run keeps float64).
+        logits = logits if logits.dtype == torch.float64 else logits.float()
+        return F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten())
 
     def loss(self, batch: Batch, *, step: int, generator: torch.Generator) -> tuple[Tensor, Metrics]:
         loss = self._cross_entropy(batch)

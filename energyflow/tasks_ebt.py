@@ -62,6 +62,11 @@ class EBTLanguageModelTask(Task):
         metrics = {name: value for name, value in out.metrics.items() if name != "replayed_fraction"}
         return {"loss": metrics["final_loss"], **metrics}
 
+    def describe(self) -> dict[str, str]:
+        """The descent rule the model trained and is evaluated with (``EBTObjective.descent_space``; unset is the
+        logit-space rule through the model's own softmax)."""
+        return {"descent": self.objective.descent_space or "logits"}
+
     def lr_multipliers(self) -> dict[str, float]:
         multipliers = {}
         if self._learnable_step_size() is not None:

@@ -30,6 +30,9 @@ from energyflow.optim import build_optimizer, param_groups, set_learning_rates, 
 from energyflow.tasks import Task
 
 
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
 class TrainingDiverged(RuntimeError):
     """A training metric became NaN/Inf; the weights were not updated and no checkpoint was written."""
 
@@ -71,7 +74,11 @@ class Trainer:
     starts near zero), and arithmetic on them is ~8x slower on x86: the first EBT step took 13.7 s instead
     of 6.7 s and later ones 2-5% longer without it (benchmarks/train_step.py). Values below ~1e-38 become 0;
     nothing a float32 loss can resolve changes. The mode is per thread: the training thread and intra-op
-    worker threads started after it get it."""
+    worker threads started after it get it.
+    ``dtype``: the weights' (and so the descent states') precision, ``"float32"`` or ``"float64"``. A float64
+    run is ~2x slower but its loss curve is the same on every CPU to ~1e-12: what golden-curve tests record,
+    since the EBT's large learned step sizes amplify float32 rounding differences between CPUs and BLAS builds
+    (0.3% by the fourth step of the System 1 debug recipe)."""
 
     def __init__(self, *, num_steps: int, batch_size: int, learning_rate: float, accumulation_steps: int = 1,
                  warmup_steps: int = 0, min_lr_ratio: float = 0.1, weight_decay: float = 0.01,
@@ -80,12 +87,14 @@ class Trainer:
                  keep_checkpoints: int = 3, eval_every: int = 0, eval_batches: int = 8,
                  eval_batch_size: Optional[int] = None, seed: int = 0, device: str = "auto",
                  progress: bool = True, resume: bool = True, num_threads: Optional[int] = None,
-                 flush_denormal: bool = True) -> None:
+                 flush_denormal: bool = True, dtype: str = "float32") -> None:
         for name, value in (("num_steps", num_steps), ("batch_size", batch_size), ("eval_batches", eval_batches),
                             ("checkpoint_every", checkpoint_every), ("keep_checkpoints", keep_checkpoints),
                             ("accumulation_steps", accumulation_steps)):
             if value < 1:
                 raise ValueError(f"Trainer.{name} must be >= 1, got {value}")
+        if dtype not in DTYPES:
+            raise ValueError(f"Trainer.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if num_threads is not None and num_threads < 1:
             raise ValueError(f"Trainer.num_threads must be None (torch's default) or >= 1, got {num_threads}")
         if not 0.0 <= min_lr_ratio <= 1.0 or learning_rate <= 0 or warmup_steps < 0 or eval_every < 0:
@@ -98,7 +107,7 @@ class Trainer:
         self.checkpoint_every, self.keep_checkpoints = checkpoint_every, keep_checkpoints
         self.eval_every, self.eval_batches, self.eval_batch_size = eval_every, eval_batches, eval_batch_size
         self.seed, self.device, self.progress, self.resume = seed, device, progress, resume
-        self.num_threads, self.flush_denormal = num_threads, flush_denormal
+        self.num_threads, self.flush_denormal, self.dtype = num_threads, flush_denormal, dtype
 
     def micro_batch(self, world_size: int) -> int:
         per_step = world_size * self.accumulation_steps
@@ -166,7 +175,7 @@ class _Run:
         self.t, self.task, self.out_dir = trainer, task, out_dir
         self.config, self.operative_config, self.scope = config, operative_config, scope
         self.context = distributed.setup(trainer.device)
-        task.to(self.context.device)
+        task.to(self.context.device, DTYPES[trainer.dtype])
         merged = {**task.lr_multipliers(), **trainer.lr_multipliers}
         groups = param_groups(task.named_parameters(), weight_decay=trainer.weight_decay, lr_multipliers=merged,
                               no_weight_decay=task.no_weight_decay())

@@ -31,6 +31,7 @@ from samplers.energy import (
     check_state,
     energy_and_grad,
 )
+from samplers.parametrization import Parametrization
 from samplers.trajectory import Trajectory, stack_info
 from samplers.transforms import Detach, Transform, apply_input
 
@@ -197,6 +198,7 @@ class Sampler(nn.Module):
         truncate: Optional[int] = None,
         detach_between_steps: bool = False,
         final_energy: str = "graph",
+        parametrization: Optional[Parametrization] = None,
     ) -> Trajectory:
         """Run ``warmup`` + ``num_steps`` steps from ``y0`` [C, *event]; keep every ``thin``-th sampling state.
 
@@ -208,6 +210,8 @@ class Sampler(nn.Module):
         ``"skip"``: not evaluated at all -- ``energies[-1]`` is NaN and the last step's ``divergent`` flag
         checks the state alone; only for samplers without accept/reject (GradientDescent, Langevin). A loss on
         the states alone saves one energy forward per run with ``"value"`` or ``"skip"``.
+        ``parametrization`` (``samplers.parametrization``): ``energy_fn`` reads ``u = map(y)`` and the descent takes
+        its gradient through the map (``"state"``) or at ``u``, stepping from it (``"image"``: descents only).
         """
         check_final_energy(final_energy, None if self.supports_differentiable else
                            f"{type(self).__name__} needs the energy of its last proposal for the accept/reject test")
@@ -218,6 +222,13 @@ class Sampler(nn.Module):
             )
         check_run_args(y0, num_steps, warmup, thin, generator, differentiable, truncate, detach_between_steps)
         transforms = list(self.transforms) + ([Detach()] if detach_between_steps else [])
+        if parametrization is not None:
+            if parametrization.descent_space == "image" and not self.supports_differentiable:
+                raise ValueError(f"{type(self).__name__} is Metropolis-corrected: a step from the image point u = map(y) "
+                                 "is not a proposal on y it can correct; use descent_space='state' or a descent "
+                                 "(GradientDescent, Langevin)")
+            energy_fn = parametrization.descent_energy(energy_fn)
+            transforms += list(parametrization.transforms())
         total = warmup + num_steps
         first_graph_step = total - truncate if truncate is not None else 0
 

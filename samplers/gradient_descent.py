@@ -24,6 +24,7 @@ from samplers.base import (
     unadjusted_info,
 )
 from samplers.energy import EnergyFn
+from samplers.parametrization import MapInput
 from samplers.schedules import Schedule
 from samplers.transforms import Transform, apply_grad, apply_input, apply_state
 
@@ -69,7 +70,8 @@ def step(
     grad = apply_grad(transforms, state.grad, step_size)
     velocity, direction = state.velocity, grad
     if momentum > 0:
-        velocity = momentum * apply_input(transforms, state.velocity) + grad
+        # Only the graph cuts apply to the velocity (a parametrization's map acts on states, not directions).
+        velocity = momentum * apply_input([t for t in transforms if not isinstance(t, MapInput)], state.velocity) + grad
         direction = grad + momentum * velocity if nesterov else velocity
     y_new = apply_state(transforms, y - step_size * direction, step_size, generator)
     evaluated = evaluate(energy_fn, y_new, transforms, create_graph=create_graph, need_grad=need_grad)

@@ -156,7 +156,9 @@ def run_generate(args: argparse.Namespace, console: Console) -> int:
     else:
         _print_generation(args, console, out)
     count = out.tokens.numel()
-    console.print(f"[dim]{count} tokens in {seconds:.2f} s ({count / seconds:.1f} tokens/s), checkpoint step {step}[/]")
+    rule = f", descent rule {task.describe()['descent']}" if is_ebt else ""
+    console.print(f"[dim]{count} tokens in {seconds:.2f} s ({count / seconds:.1f} tokens/s), checkpoint step "
+                  f"{step}{rule}[/]")
     return 0
 
 
@@ -234,6 +236,7 @@ def run_think(args: argparse.Namespace, console: Console) -> int:
         baseline, _, _ = load_run(args.baseline, device=args.device)
         sweep.baseline_loss = baseline_loss(baseline.task.eval().model, windows, baseline.device)
     console.print(sweep_table(sweep))
+    console.print(f"descent rule: {task.describe()['descent']} (the rule this run trained with)")
     if sweep.fixed_budget_loss is not None:
         n, k = args.samples[0], args.steps[-1]
         console.print(f"adaptive compute ({n} sample{'s' if n > 1 else ''}): {sweep.mean_steps[n]:.2f} steps per "

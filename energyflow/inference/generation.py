@@ -129,7 +129,8 @@ def _think_recomputing(model: nn.Module, sequence: Tensor, config: ThinkingConfi
     """The uncached reference: every energy evaluation runs both streams of the whole ``sequence [B, L]``."""
     tokens = sequence.repeat_interleave(num_candidates, dim=0)  # [B*n, L]
     rows, length = tokens.shape
-    y0 = draw((rows, 1, model.vocab_size), device=tokens.device, dtype=torch.float32, generator=generator)
+    y0 = draw((rows, 1, model.vocab_size), device=tokens.device, dtype=next(model.parameters()).dtype,
+              generator=generator)
     # Predictions attend to themselves only, so the filler at the other positions never reaches the last one.
     filler = torch.zeros(rows, length - 1, model.vocab_size, device=tokens.device)
     calls = [0]  # the k-th call scores the k-th thinking state (its step index, for a conditioned model)
@@ -138,6 +139,8 @@ def _think_recomputing(model: nn.Module, sequence: Tensor, config: ThinkingConfi
         step_index = conditioning_index(model, calls[0], step_index_mode)
         calls[0] += 1
         conditioning = {} if step_index is None else {"step_index": step_index}
+        if config.parametrization is not None:  # the descent hands the image point (probabilities)
+            conditioning["mapped"] = True
         return model(tokens, torch.cat((filler, y), dim=1), **conditioning)[:, -1:]
 
     return self_verify(energy_fn, y0, config, num_candidates, generator=generator)

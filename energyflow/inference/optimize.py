@@ -22,6 +22,7 @@ from torch import Tensor
 
 from samplers.base import as_step_size, check_positive
 from samplers.energy import EnergyFn, check_finite_start, check_state, energy_and_grad
+from samplers.parametrization import Parametrization
 from samplers.transforms import LangevinNoise, Transform, apply_grad, apply_state
 
 Record = Callable[[Tensor], Tensor]
@@ -42,6 +43,9 @@ class ThinkingConfig:
     backward passes; ``None`` never stops early and never syncs.
     ``transforms``: stability transforms from ``samplers.transforms`` (e.g. the training sampler's
     ``ClampGradient``); a ``LangevinNoise`` here is refused, ``noise_scale`` is the one noise knob.
+    ``parametrization``: as in ``Sampler.run`` (``samplers.parametrization``): ``energy_fn`` reads ``u = map(y)``
+    and each step is ``y - a * grad_y E(map(y))`` (``"state"``) or ``map(y) - a * grad_u E(u)`` (``"image"``, the
+    EBT reference's text rule with softmax); the energy of a state is ``E(map(y))`` either way.
     """
 
     num_steps: int
@@ -52,6 +56,7 @@ class ThinkingConfig:
     grad_tolerance: Optional[float] = None
     check_every: Optional[int] = None
     transforms: Sequence[Transform] = field(default_factory=tuple)
+    parametrization: Optional[Parametrization] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_steps, int) or self.num_steps < 0:
@@ -69,10 +74,23 @@ class ThinkingConfig:
                 raise TypeError(f"transforms must be samplers.transforms.Transform objects, got {transform!r}")
             if isinstance(transform, LangevinNoise):
                 raise ValueError("pass Langevin noise as ThinkingConfig.noise_scale, not as a LangevinNoise transform")
+        if self.parametrization is not None and not isinstance(self.parametrization, Parametrization):
+            raise TypeError(f"parametrization must be a samplers.parametrization.Parametrization, got "
+                            f"{self.parametrization!r}")
 
     @property
     def adaptive(self) -> bool:
         return self.energy_tolerance is not None or self.grad_tolerance is not None
+
+    def descent(self, energy_fn: EnergyFn) -> tuple[EnergyFn, Callable[[Tensor], Tensor]]:
+        """``(what to differentiate, where a step starts from)`` for a state ``y``: ``(energy_fn, identity)``
+        without a parametrization; with one, the step starts from ``map(y)`` (``"image"``) or from ``y`` with
+        the energy composed with the map (``"state"``)."""
+        space = self.parametrization
+        if space is None:
+            return energy_fn, lambda y: y
+        origin = space.map if space.descent_space == "image" else (lambda y: y)
+        return space.descent_energy(energy_fn), origin
 
 
 @dataclass
@@ -131,7 +149,8 @@ def think(energy_fn: EnergyFn, y0: Tensor, config: ThinkingConfig, *, generator:
     check_state(y0)
     step_size = as_step_size(config.step_size, y0)
     check_positive(step_size, "ThinkingConfig.step_size")
-    start = energy_and_grad(energy_fn, y0.detach(), validate=True)
+    energy_fn, origin = config.descent(energy_fn)
+    start = energy_and_grad(energy_fn, origin(y0.detach()), validate=True)
     _check_positions(start.per_position, y0)
     check_finite_start(start.energy, start.grad)
     energies = start.per_position
@@ -139,7 +158,7 @@ def think(energy_fn: EnergyFn, y0: Tensor, config: ThinkingConfig, *, generator:
                       torch.zeros_like(energies, dtype=torch.long))
     trace, records, steps_run = [energies], [_record(record, state.y)], 0
     for steps_run in range(1, config.num_steps + 1):
-        state = _step(state, energy_fn, step_size, config, generator)
+        state = _step(state, energy_fn, origin, step_size, config, generator)
         trace.append(state.energies)
         records.append(_record(record, state.y))
         if config.check_every is not None and steps_run % config.check_every == 0 and not bool(state.active.any()):
@@ -148,12 +167,13 @@ def think(energy_fn: EnergyFn, y0: Tensor, config: ThinkingConfig, *, generator:
     return ThinkingResult(state.y, state.energies, torch.stack(trace), stacked, state.steps_used, steps_run)
 
 
-def _step(state: _Position, energy_fn: EnergyFn, step_size: Tensor, config: ThinkingConfig,
-          generator: Optional[torch.Generator]) -> _Position:
-    """Propose for every position, keep the proposal where the position is active (and, with
-    ``accept_if_lower``, where its energy fell), then freeze the positions that converged."""
-    proposal = _propose(state.y, state.grad, step_size, config, generator)
-    new = energy_and_grad(energy_fn, proposal)
+def _step(state: _Position, energy_fn: EnergyFn, origin: Callable[[Tensor], Tensor], step_size: Tensor,
+          config: ThinkingConfig, generator: Optional[torch.Generator]) -> _Position:
+    """Propose for every position (a step from ``origin(y)``, where ``grad`` was taken), keep the proposal where
+    the position is active (and, with ``accept_if_lower``, where its energy fell), then freeze the positions
+    that converged."""
+    proposal = _propose(origin(state.y), state.grad, step_size, config, generator)
+    new = energy_and_grad(energy_fn, origin(proposal))
     move = state.active & torch.isfinite(new.per_position)
     if config.accept_if_lower:
         move = move & (new.per_position <= state.energies)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from architectures.ebt import ContextCache
 from energyflow.inference.optimize import ThinkingConfig
 from energyflow.inference.verification import Verified, self_verify
-from energyflow.models import StepEnergy
+from energyflow.models import StepEnergy, TextEBM
 from energyflow.objectives.components import RandomNoise, Zeros
 from samplers.transforms import Detach, LangevinNoise
 
@@ -32,16 +32,20 @@ def thinking_config(objective: nn.Module, *, num_steps: int, step_size: Optional
                     energy_tolerance: Optional[float] = None, grad_tolerance: Optional[float] = None,
                     check_every: Optional[int] = None) -> ThinkingConfig:
     """A ``ThinkingConfig`` from a trained ``EBTObjective``: its evaluation sampler's (learned) step size
-    unless ``step_size`` overrides it, and its stability transforms (clamps). Training noise and detaching
-    are dropped: ``noise_scale`` is the inference noise; the randomized step-size schedule is a training trick.
+    unless ``step_size`` overrides it, its stability transforms (clamps) and its descent rule
+    (``descent_space``: the thinking descends exactly as the model was trained to). Training noise and
+    detaching are dropped: ``noise_scale`` is the inference noise; the randomized step-size schedule is a
+    training trick.
     """
     sampler = objective.eval_sampler if objective.eval_sampler is not None else objective.sampler
     if step_size is None:
         step_size = sampler.step_size.detach().clone()
     transforms = tuple(t for t in sampler.transforms if not isinstance(t, (LangevinNoise, Detach)))
+    space = getattr(objective, "descent_space", None)
     return ThinkingConfig(num_steps=num_steps, step_size=step_size, noise_scale=noise_scale,
                           accept_if_lower=accept_if_lower, energy_tolerance=energy_tolerance,
-                          grad_tolerance=grad_tolerance, check_every=check_every, transforms=transforms)
+                          grad_tolerance=grad_tolerance, check_every=check_every, transforms=transforms,
+                          parametrization=None if space is None else TextEBM.parametrization(space))
 
 
 def encode(model: nn.Module, tokens: Tensor, step_index: Optional[int] = None) -> ContextCache:
@@ -104,11 +108,12 @@ def think_on_contexts(model: nn.Module, context: Callable[[Optional[int]], Conte
     (``None``: the shared context of an unconditioned or adaLN model); each is asked for once and expanded."""
     check_random_starts(initial_state, num_candidates, config.noise_scale)
     expand = (lambda cache: cache.expand(num_candidates)) if num_candidates > 1 else (lambda cache: cache)
-    energy_fn = StepEnergy(model, lambda index: expand(context(index)), mode=step_index_mode)
+    energy_fn = StepEnergy(model, lambda index: expand(context(index)), mode=step_index_mode,
+                           parametrization=config.parametrization)
     first = energy_fn.context(0)  # the context of y_0 (every thinking run scores y_0)
     draw = initial_state if initial_state is not None else RandomNoise(1.0)
     y0 = draw((batch * num_candidates, num_predictions, model.vocab_size), device=first.keys[0].device,
-              dtype=torch.float32, generator=generator)
+              dtype=next(model.parameters()).dtype, generator=generator)  # the weights' precision, as in training
     record = None
     if targets is not None:
         record = token_losses(targets.repeat_interleave(num_candidates, dim=0))

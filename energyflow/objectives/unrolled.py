@@ -23,7 +23,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from energyflow.models import StepEnergy, check_step_index_mode
+from energyflow.models import StepEnergy, check_descent_space, check_step_index_mode, model_parametrization
 from energyflow.objectives.components import CrossEntropy, RandomNoise, RandomNumSteps, resolve_num_steps
 from energyflow.objectives.replay import ReplayBuffer
 from samplers.trajectory import Trajectory
@@ -88,8 +88,8 @@ class _RecordingEnergy(StepEnergy):
     initial energy for the energy-gap metric without a redundant forward pass.
     """
 
-    def __init__(self, model: nn.Module, encode, *, mode: str = "per_step"):
-        super().__init__(model, encode, mode=mode)
+    def __init__(self, model: nn.Module, encode, *, mode: str = "per_step", parametrization=None):
+        super().__init__(model, encode, mode=mode, parametrization=parametrization)
         self.calls = []
 
     def __call__(self, y: Tensor) -> Tensor:
@@ -113,6 +113,12 @@ class EBTObjective(nn.Module):
     metrics (one more prediction-stream forward per step, without a graph). Off by default: no loss uses it,
     and the paper's energy gap is between the first and the last step, E(y_0) - E(y_{K-1}). Evaluation
     always scores y_K.
+    ``descent_space``: how the descent reads a text EBT's logits (``energyflow.models.TextEBM.parametrization``):
+    ``"probabilities"`` (the paper's reference code: E of p = softmax(y_k), the gradient w.r.t. p, the next state
+    p - a * dE/dp, read as logits by the loss and the next step) or ``"logits"`` (the gradient through the
+    softmax, y_k - a * dE/dy). ``None`` (the default, and the only choice for continuous candidates): the energy
+    reads the state as it is -- for a text EBT the same logit-space rule through the model's own softmax.
+    Evaluation and every inference path built from this objective use the same rule.
     """
 
     def __init__(
@@ -131,6 +137,7 @@ class EBTObjective(nn.Module):
         contrastive: Optional[ContrastiveTerm] = None,
         step_index_mode: str = "per_step",
         score_final_state: bool = False,
+        descent_space: Optional[str] = None,
     ):
         super().__init__()
         if isinstance(num_steps, int) and num_steps < 1:
@@ -153,6 +160,11 @@ class EBTObjective(nn.Module):
         self.replay_buffer = replay_buffer
         self.step_index_mode = check_step_index_mode(step_index_mode)
         self.score_final_state = bool(score_final_state)
+        self.descent_space = None if descent_space is None else check_descent_space(descent_space)
+
+    def parametrization(self, model: nn.Module):
+        """The ``samplers`` parametrization of this objective's descent over ``model``'s candidates (or None)."""
+        return model_parametrization(model, self.descent_space)
 
     def forward(self, model: nn.Module, inputs: Tensor, targets: Tensor, *, generator: Optional[torch.Generator] = None,
                 step: int = 0, num_steps: Optional[int] = None) -> ObjectiveOutput:
@@ -167,7 +179,8 @@ class EBTObjective(nn.Module):
                 transform.set_training_step(step)
         count = int(num_steps) if num_steps is not None else resolve_num_steps(self.num_steps, step, training)
         inputs, targets, state, replayed = self._start(model, inputs, targets, generator, training)
-        energy_fn = self._energy(model, inputs, count, training)
+        parametrization = self.parametrization(model)
+        energy_fn = self._energy(model, inputs, count, training, parametrization)
         sampler = self.sampler if (training or self.eval_sampler is None) else self.eval_sampler
         trajectory = sampler.run(
             energy_fn, state, num_steps=count, generator=generator, differentiable=training,
@@ -177,6 +190,7 @@ class EBTObjective(nn.Module):
             # E(y_K) is a metric alone: skipped unless asked for (one prediction-stream forward, ~7% of a
             # System 1 step); evaluation always scores it.
             final_energy="value" if (self.score_final_state or not training) else "skip",
+            parametrization=parametrization,
         )
         step_losses = [self.loss_fn(trajectory.states[k], targets, self._smoothing(k, count)) for k in range(count)]
         loss = step_losses[-1] if self.loss_on_last_step_only else torch.stack(step_losses).mean()
@@ -189,7 +203,8 @@ class EBTObjective(nn.Module):
             self.replay_buffer.push(inputs, targets, trajectory.final_state)
         return ObjectiveOutput(loss, metrics, trajectory.final_state.detach(), trajectory)
 
-    def _energy(self, model: nn.Module, inputs: Tensor, count: int, training: bool) -> _RecordingEnergy:
+    def _energy(self, model: nn.Module, inputs: Tensor, count: int, training: bool,
+                parametrization=None) -> _RecordingEnergy:
         """The sampler's energy function, with the contexts it needs encoded once per batch.
 
         Unconditioned and adaLN models: one context. Time-token models: one per distinct index, built here
@@ -201,7 +216,7 @@ class EBTObjective(nn.Module):
             with contextlib.nullcontext() if graph else torch.no_grad():  # validation, or a context no loss reaches
                 return model.encode(inputs) if index is None else model.encode(inputs, step_index=index)
 
-        energy_fn = _RecordingEnergy(model, encode, mode=self.step_index_mode)
+        energy_fn = _RecordingEnergy(model, encode, mode=self.step_index_mode, parametrization=parametrization)
         if training:
             first_graph_state = count - self.truncate if self.truncate is not None else 0
             with_graph = list(range(max(first_graph_state, 0), count))

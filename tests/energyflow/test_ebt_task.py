@@ -17,11 +17,18 @@ from energyflow.optim import param_groups
 from energyflow.tasks_ebt import EBTLanguageModelTask
 from samplers import GradientDescent, LangevinNoise
 
-# First four training losses of experiments/ebt_system1_debug.gin (seed 0, CPU, float32, 1 thread).
-# Regenerated when RMSNorm became one fused node and the attention weights moved to exp2 + a reciprocal:
-# the first three moved by at most 6.4e-5 relative, the fourth by 2.4e-3 (the learned step size of ~500 amplifies
-# rounding differences step after step; the old code reproduced the old values exactly on the same day).
-GOLDEN_LOSSES = [146.75978088378906, 74.1318130493164, 21.630199432373047, 10.994168281555176]
+# Every training loss of experiments/ebt_system1_debug.gin (seed 0, CPU, 1 thread) in float64
+# (Trainer.dtype = 'float64'), under each descent rule. Recorded in float64 because the learned step size of ~500
+# amplifies rounding: in float32 the fourth loss differed by 0.3% between two x86 CPUs, while float64 rounding
+# (~1e-16), amplified alike, stays below 1e-11 -- hence rel=1e-8. Regenerated when the recipes took the paper's
+# descent rule ('probabilities', now the default) and the reference's initialization (N(0, 1) embeddings,
+# xavier-normal, RMSNorm eps 1e-5); the old float32 values were for the logit rule with the old init.
+GOLDEN_LOSSES = {
+    "probabilities": [7817.842173478261, 4448.690874917864, 1704.9793273199941, 621.8809252661823, 361.3805513355734,
+                      517.0483404655674],
+    "logits": [201.77838105915652, 116.526856538912, 49.61879696602108, 25.252148876805045, 16.504421903641987,
+               17.570626667672723],
+}
 
 
 def tiny_task(**objective_kwargs) -> EBTLanguageModelTask:
@@ -95,21 +102,22 @@ def test_replay_buffer_travels_in_the_checkpoint(tmp_path):
         wrong.load_state_dict(torch.load(path, weights_only=True))
 
 
-def _train_recipe(name: str, out) -> object:
+def _train_recipe(name: str, out, bindings=()) -> object:
     gin.clear_config()
-    parse_recipe(name, ["Trainer.progress = False", f"OUT_DIR = '{out}'"])
+    parse_recipe(name, ["Trainer.progress = False", f"OUT_DIR = '{out}'", *bindings])
     result = gin.get_configurable("launch")()
     gin.clear_config()
     return result
 
 
-def test_system1_debug_recipe_golden_loss_curve(tmp_path):
-    result = _train_recipe("experiments/ebt_system1_debug.gin", tmp_path / "s1")
+@pytest.mark.parametrize("rule", sorted(GOLDEN_LOSSES))
+def test_system1_debug_recipe_golden_loss_curve(tmp_path, rule):
+    result = _train_recipe("experiments/ebt_system1_debug.gin", tmp_path / "s1",
+                           ["Trainer.dtype = 'float64'", f"DESCENT_SPACE = '{rule}'"])
     losses = [entry["loss"] for entry in result.history]
-    # rtol covers float32 summation-order differences between CPUs; a changed model, init, data order,
-    # objective or sampler moves these by far more.
-    assert losses[:4] == pytest.approx(GOLDEN_LOSSES, rel=1e-4)
-    assert len(losses) == 6 and {"loss_step_1", "loss_step_2", "energy_gap"} <= set(result.history[0])
+    # A changed model, init, data order, objective, sampler or descent rule moves these by far more than 1e-8.
+    assert losses == pytest.approx(GOLDEN_LOSSES[rule], rel=1e-8)
+    assert {"loss_step_1", "loss_step_2", "energy_gap"} <= set(result.history[0])
 
 
 def test_system2_debug_recipe_trains_and_resumes_bit_exactly(tmp_path):
