@@ -12,6 +12,7 @@ from samplers.hmc import HMC
 from samplers.langevin import Langevin
 from samplers.mala import MALA
 from samplers.nuts import NUTS
+from samplers.parametrization import Parametrization, SoftmaxParametrization
 from samplers.schedules import Constant, CosineAnneal, GeometricAnneal, LinearAnneal, RandomizedStepSize, Schedule
 from samplers.trajectory import INFO_FIELDS, Trajectory
 from samplers.transforms import ClampGradient, ClampState, Detach, LangevinNoise, Transform
@@ -38,8 +39,10 @@ __all__ = [
     "LinearAnneal",
     "MALA",
     "NUTS",
+    "Parametrization",
     "RandomizedStepSize",
     "Schedule",
+    "SoftmaxParametrization",
     "Target",
     "Trajectory",
     "Transform",

@@ -16,6 +16,8 @@ held-out pydoc text by the mean energy of its observed bytes, and (in distributi
 correlation of a prediction's final energy with its loss. Writes ``docs/results.md`` and a PNG beside it.
 
     python scripts/reproduce_thinking.py            # trains runs/quickstart if needed (a few CPU minutes)
+    python scripts/reproduce_thinking.py --runs runs/quickstart_logits --bind "DESCENT_SPACE = 'logits'" \
+        --out docs/results_logits.md                # the logit-space descent rule instead of the paper's
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ def ensure_runs(args: argparse.Namespace) -> tuple[Path, Path]:
     if not all((run / "operative_config.gin").is_file() for run in (ebt, baseline)):
         print(f"training {args.recipe} into {args.runs} ...", flush=True)
         command = [sys.executable, "-m", "energyflow.cli", "train", args.recipe, "--out", str(args.runs),
-                   "--bind", "Trainer.progress = False"]
+                   "--bind", "Trainer.progress = False", *(part for b in args.bind for part in ("--bind", b))]
         subprocess.run(command, check=True, cwd=ROOT)
     return ebt, baseline
 
@@ -130,8 +132,9 @@ def evaluate(args: argparse.Namespace, ebt_dir: Path, baseline_dir: Path) -> dic
     in_distribution = torch.cat(sets[next(iter(sets))])
     config_train = thinking_config(task.objective, num_steps=train_steps, noise_scale=args.noise)
     spearman_value = calibration(task.model, in_distribution, config_train, task.objective.initial_state, device,
-                                 args.out.with_name("results_uncertainty.html"))
+                                 args.out.with_name(f"{args.out.stem}_uncertainty.html"))
     return {"rows": rows, "train_steps": train_steps, "spearman": spearman_value, "ebt_step": ebt_step,
+            "descent": task.describe()["descent"],
             "step_size": float(config.step_size.mean()) if isinstance(config.step_size, torch.Tensor)
             else float(config.step_size)}
 
@@ -157,7 +160,8 @@ def report(args: argparse.Namespace, result: dict, seconds: float) -> str:
              f"({time.strftime('%Y-%m-%d')}). Models: `{args.recipe}` (4xs EBT, checkpoint step "
              f"{result['ebt_step']}, and the Transformer++ trained identically). Each set: "
              f"{args.batches * args.batch_size} windows spread through it, bytes, losses in nats per byte. EBT "
-             f"thinking: gradient descent from random logits with the learned step size {result['step_size']:.2f}, "
+             f"thinking: gradient descent from random logits with the learned step size {result['step_size']:.2f} "
+             f"and the descent rule it trained with (`{result['descent']}`; docs/fidelity.md), "
              f"Langevin noise {args.noise}; it trained with {t} steps. Self-verification: the lowest final energy "
              "of N random starts, per position. Gains: loss reduction in percent, ± the standard error of the paired "
              "per-window differences (windows are the independent units). AUROC: telling the set from held-out pydoc "
@@ -172,7 +176,9 @@ def report(args: argparse.Namespace, result: dict, seconds: float) -> str:
                      f"{longer:.3f} | {verified:.3f} | {paired_gain(sweep, (1, t), (1, k))} | "
                      f"{paired_gain(sweep, (1, k), (n, k))} | {row['auroc']:.3f} |")
     lines += ["", *adaptive_table(args, result, k)]
-    lines += ["", *sentences(result, t, k, n), "", "![EBT loss change vs thinking steps](results_thinking.png)", ""]
+    stem = args.out.stem
+    lines += ["", *sentences(result, t, k, n, stem), "",
+              f"![EBT loss change vs thinking steps]({stem}_thinking.png)", ""]
     return "\n".join(lines)
 
 
@@ -189,7 +195,7 @@ def adaptive_table(args: argparse.Namespace, result: dict, k: int) -> list[str]:
     return lines
 
 
-def sentences(result: dict, t: int, k: int, n: int) -> list[str]:
+def sentences(result: dict, t: int, k: int, n: int, stem: str) -> list[str]:
     """Plain statements of what the numbers say, written from the numbers (so they hold either way)."""
     rows = result["rows"]
     names = list(rows)
@@ -207,7 +213,7 @@ def sentences(result: dict, t: int, k: int, n: int) -> list[str]:
         f"- Best of {n} by energy changed it by a further " +
         ", ".join(f"{verify[name]:+.1f}% ({name})" for name in by_ood) + ".",
         f"- In distribution, the Spearman correlation between a prediction's final energy and its loss "
-        f"({t} steps, one sample) is {result['spearman']:+.3f}; `results_uncertainty.html` shows one held-out window "
+        f"({t} steps, one sample) is {result['spearman']:+.3f}; `{stem}_uncertainty.html` shows one held-out window "
         "coloured by those energies.",
     ]
 
@@ -233,12 +239,13 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results.md")
+    parser.add_argument("--bind", action="append", default=[], help="a gin binding for training the runs")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the shared CPU: extra threads only contend
     started = time.perf_counter()
     ebt_dir, baseline_dir = ensure_runs(args)
     result = evaluate(args, ebt_dir, baseline_dir)
-    plot(args, result, args.out.with_name("results_thinking.png"))
+    plot(args, result, args.out.with_name(f"{args.out.stem}_thinking.png"))
     args.out.write_text(report(args, result, time.perf_counter() - started))
     print(args.out.read_text())
 

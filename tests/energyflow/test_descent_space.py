@@ -31,15 +31,26 @@ def tokens_and_targets(seed: int = 0):
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def grad_wrt_probabilities(model, tokens, p):
-    """dE/dp of the uncached model (both streams recomputed), by autograd, at p [B, S, V]."""
+def grad_wrt_probabilities(model, tokens, p, step_index=None):
+    """dE/dp of the uncached model (both streams recomputed), by autograd, at p [B, S, V] (scored on
+    ``step_index`` for a step-conditioned model)."""
     p = p.detach().requires_grad_(True)
-    (grad,) = torch.autograd.grad(model(tokens, p, mapped=True).sum(), p)
+    conditioning = {} if step_index is None else {"step_index": step_index}
+    (grad,) = torch.autograd.grad(model(tokens, p, mapped=True, **conditioning).sum(), p)
     return grad
 
 
-def test_objective_states_equal_the_papers_formula_in_float64():
-    model = tiny_model()
+@pytest.mark.parametrize("conditioning", [None, "adaln", "time_token"])
+def test_objective_states_equal_the_papers_formula_in_float64(conditioning):
+    """Plain and both step-conditioned EBTs (state y_k scored on index min(k, 1) with a 2-row table)."""
+    extra = {} if conditioning is None else {"step_conditioning": conditioning, "num_step_embeddings": 2}
+    torch.manual_seed(0)
+    config = TransformerConfig(dim=16, num_layers=1, num_heads=2, max_seq_len=8)
+    model = TextEBM(EBT(config, **extra), V).double()
+    if conditioning == "adaln":  # move the zero-initialised modulation so the index matters
+        with torch.no_grad():
+            for linear in model.backbone.step_modulation:
+                linear.weight.normal_(0, 0.1)
     tokens, targets = tokens_and_targets()
     step = 3.0
     objective = EBTObjective(GradientDescent(step), num_steps=3, initial_state=RandomNoise(0.5),
@@ -48,11 +59,11 @@ def test_objective_states_equal_the_papers_formula_in_float64():
     y = 0.5 * torch.randn(2, 4, V, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for k in range(3):  # p = softmax(y_k); y_{k+1} = p - a dE/dp
         p = torch.softmax(y, -1)
-        y = p - step * grad_wrt_probabilities(model, tokens, p)
+        y = p - step * grad_wrt_probabilities(model, tokens, p, None if conditioning is None else min(k, 1))
         torch.testing.assert_close(out.trajectory.states[k], y, rtol=1e-10, atol=1e-12)
     # the energy of a state, as scoring and verification read it, is E(softmax(y)) under either rule
-    torch.testing.assert_close(model.energy(model.encode(tokens), y),
-                               model.energy(model.encode(tokens), torch.softmax(y, -1), mapped=True))
+    index = {} if conditioning is None else {"step_index": 1}
+    torch.testing.assert_close(model(tokens, y, **index), model(tokens, torch.softmax(y, -1), mapped=True, **index))
 
 
 @pytest.mark.parametrize("detach", [False, True])
