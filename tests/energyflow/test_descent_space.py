@@ -182,3 +182,22 @@ def test_a_run_records_reports_and_evaluates_with_its_rule(logit_run, capsys):
     printed = capsys.readouterr().out
     assert "descent" in printed and "logits" in printed and "probabilities" not in printed
     gin.clear_config()
+
+
+def test_adaptive_compute_under_the_papers_rule_freezes_positions_at_their_own_states():
+    """Positions whose energy stops changing freeze; every position's reported energy is the energy of its
+    returned state (scored as a state: E(softmax(y))), and frozen positions took fewer steps."""
+    model = tiny_model().eval()
+    tokens, _ = tokens_and_targets(4)
+    config = ThinkingConfig(num_steps=12, step_size=2.0, energy_tolerance=0.05,
+                            parametrization=SoftmaxParametrization("probabilities"))
+    result = think_tokens(model, tokens, config, generator=torch.Generator().manual_seed(0)).thinking
+    assert int(result.steps_used.min()) < 12, "the test needs positions that converge early"
+    torch.testing.assert_close(result.energies, model(tokens, result.state).detach(), rtol=1e-10, atol=1e-12)
+    fixed = think_tokens(model, tokens, ThinkingConfig(num_steps=12, step_size=2.0,
+                                                       parametrization=SoftmaxParametrization("probabilities")),
+                         generator=torch.Generator().manual_seed(0)).thinking
+    # a position that never froze followed the fixed-budget descent exactly
+    never = result.steps_used == 12
+    assert bool(never.any())
+    torch.testing.assert_close(result.state[never], fixed.state[never], rtol=1e-12, atol=1e-12)
