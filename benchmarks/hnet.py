@@ -29,7 +29,7 @@ from architectures.hnet import HNetConfig, HNetLM  # noqa: E402
 from architectures.transformer import TransformerConfig, TransformerPP  # noqa: E402
 from energyflow.data import text_data, to_batch  # noqa: E402
 from energyflow.tasks import LanguageModelTask  # noqa: E402
-from energyflow.tasks_hnet import HNetLanguageModelTask  # noqa: E402
+from energyflow.tasks import HNetLanguageModelTask  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

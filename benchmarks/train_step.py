@@ -36,7 +36,7 @@ from energyflow.models import TextEBM  # noqa: E402
 from energyflow.objectives import EBTObjective, RandomNoise  # noqa: E402
 from energyflow.optim import build_optimizer, param_groups  # noqa: E402
 from energyflow.tasks import LanguageModelTask, Task  # noqa: E402
-from energyflow.tasks_ebt import EBTLanguageModelTask  # noqa: E402
+from energyflow.tasks import EBTLanguageModelTask  # noqa: E402
 from samplers import GradientDescent  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -58,7 +58,8 @@ _register("samplers.transforms", samplers.ClampGradient, samplers.ClampState, sa
           samplers.Detach)
 
 # ------------------------------------------------------------------------- EBT models, objectives, task
-from energyflow import models as _ebt_models, objectives as _ebt_objectives, tasks_ebt as _ebt_tasks  # noqa: E402
+from energyflow import models as _ebt_models, objectives as _ebt_objectives  # noqa: E402
+from energyflow.tasks import text as _ebt_tasks  # noqa: E402
 
 _register("energyflow.models", _ebt_models.TextEBM, _ebt_models.VectorSequenceEBM, _ebt_models.GaussianEnergy)
 _register("energyflow.objectives", _ebt_objectives.EBTObjective, _ebt_objectives.RandomNoise,
@@ -74,7 +75,7 @@ _register("energyflow.tasks", _ebt_tasks.EBTLanguageModelTask)
 
 # ---------------------------------------------------------------------- H-Net backbone and its tasks
 from architectures import hnet as _hnet, hnet_ebt as _hnet_ebt  # noqa: E402
-from energyflow import tasks_hnet as _hnet_tasks  # noqa: E402
+from energyflow.tasks import hnet as _hnet_tasks  # noqa: E402
 
 _register("architectures", _hnet.HNetConfig, _hnet.HNet, _hnet.HNetLM, _hnet_ebt.HNetContextEBT)
 _register("energyflow.tasks", _hnet_tasks.HNetLanguageModelTask, _hnet_tasks.HNetEBTLanguageModelTask)

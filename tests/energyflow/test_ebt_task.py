@@ -14,7 +14,7 @@ from energyflow.config import parse_recipe
 from energyflow.models import TextEBM
 from energyflow.objectives import EBTObjective, ReplayBuffer
 from energyflow.optim import param_groups
-from energyflow.tasks_ebt import EBTLanguageModelTask
+from energyflow.tasks import EBTLanguageModelTask
 from samplers import GradientDescent, LangevinNoise
 
 # Every training loss of experiments/ebt_system1_debug.gin (seed 0, CPU, 1 thread) in float64

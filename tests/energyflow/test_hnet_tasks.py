@@ -13,7 +13,7 @@ from architectures.hnet_ebt import HNetContextEBT
 from energyflow.cli import main
 from energyflow.models import TextEBM
 from energyflow.objectives import EBTObjective
-from energyflow.tasks_hnet import HNetEBTLanguageModelTask, HNetLanguageModelTask
+from energyflow.tasks import HNetEBTLanguageModelTask, HNetLanguageModelTask
 from samplers import GradientDescent
 
 TWO_STAGES = dict(dims=(16, 16, 24), num_heads=(2, 2, 2), encoder_layers=(1, 1), decoder_layers=(1, 1),

@@ -278,7 +278,7 @@ def test_hnet_context_with_adaln_trains_through_the_hnet_task():
     """A wrapped backbone (``HNetContextEBT.ebt``) reports its EBT's conditioning; adaLN keeps one H-Net pass."""
     from architectures.hnet import HNet, HNetConfig
     from architectures.hnet_ebt import HNetContextEBT
-    from energyflow.tasks_hnet import HNetEBTLanguageModelTask
+    from energyflow.tasks import HNetEBTLanguageModelTask
 
     torch.manual_seed(0)
     hnet = HNet(HNetConfig(dims=(8, 12), num_heads=(2, 2), encoder_layers=(1,), decoder_layers=(1,),

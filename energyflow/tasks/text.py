@@ -1,4 +1,5 @@
-"""The EBT text task: the trainer's task interface around a ``TextEBM`` and an ``EBTObjective``.
+"""Text tasks: ``LanguageModelTask`` (the Transformer++ baseline: next-byte cross-entropy) and
+``EBTLanguageModelTask``, the trainer's interface around a ``TextEBM`` and an ``EBTObjective``.
 
 Training: ``loss`` runs the unrolled objective (context encoded once per batch, K differentiable descent
 steps, every trick the objective is configured with). Validation: ``evaluate(batch, num_steps=k)`` runs
@@ -10,13 +11,41 @@ from __future__ import annotations
 from typing import ClassVar, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from energyflow.data import Batch
 from energyflow.models import TextEBM
 from energyflow.objectives.unrolled import EBTObjective
-from energyflow.tasks import Metrics, Task, check_batch
+from energyflow.tasks.base import Metrics, Task, check_batch
 from samplers.transforms import LangevinNoise
+
+
+class LanguageModelTask(Task):
+    """Next-token cross-entropy for a causal LM such as ``architectures.TransformerPP``.
+
+    ``model(tokens [B, S]) -> logits [B, S, V]``. Metrics: ``loss`` (mean cross-entropy in nats per
+    token); the trainer derives ``perplexity = exp(mean loss)``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def _cross_entropy(self, batch: Batch) -> Tensor:
+        check_batch(batch)
+        logits = self.model(batch["tokens"])  # [B, S, V]
+        # At least float32 log-softmax: under bf16 autocast the logits arrive in bf16 (a float64 run keeps float64).
+        logits = logits if logits.dtype == torch.float64 else logits.float()
+        return F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten())
+
+    def loss(self, batch: Batch, *, step: int, generator: torch.Generator) -> tuple[Tensor, Metrics]:
+        loss = self._cross_entropy(batch)
+        return loss, {"loss": loss.detach()}
+
+    def evaluate(self, batch: Batch, *, num_steps: Optional[int] = None) -> Metrics:
+        with torch.no_grad():
+            return {"loss": self._cross_entropy(batch)}
 
 
 class EBTLanguageModelTask(Task):

@@ -24,8 +24,8 @@ from architectures.hnet_ops import RoutingStats
 from energyflow.data import Batch
 from energyflow.models import TextEBM
 from energyflow.objectives.unrolled import EBTObjective
-from energyflow.tasks import LanguageModelTask, Metrics
-from energyflow.tasks_ebt import EBTLanguageModelTask
+from energyflow.tasks.base import Metrics
+from energyflow.tasks.text import EBTLanguageModelTask, LanguageModelTask
 
 
 class RoutingRecorder:

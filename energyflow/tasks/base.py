@@ -1,0 +1,48 @@
+"""The ``Task`` contract (see ``energyflow.tasks``) and the batch check shared by the text tasks."""
+from __future__ import annotations
+
+from typing import ClassVar, Optional
+
+import torch
+from torch import Tensor, nn
+
+from energyflow.data import Batch
+
+Metrics = dict[str, Tensor]
+
+
+class Task(nn.Module):
+    """Base class: see the module docstring for the contract."""
+
+    has_optimization_steps: ClassVar[bool] = False
+    cross_entropy_metrics: ClassVar[tuple[str, ...]] = ("loss",)
+
+    def loss(self, batch: Batch, *, step: int, generator: torch.Generator) -> tuple[Tensor, Metrics]:
+        raise NotImplementedError(f"{type(self).__name__} must implement loss(batch, *, step, generator)")
+
+    def evaluate(self, batch: Batch, *, num_steps: Optional[int] = None) -> Metrics:
+        raise NotImplementedError(f"{type(self).__name__} must implement evaluate(batch, *, num_steps=None)")
+
+    def forward(self, batch: Batch, *, step: int, generator: torch.Generator) -> tuple[Tensor, Metrics]:
+        # DistributedDataParallel synchronizes gradients only for work done inside ``forward``.
+        return self.loss(batch, step=step, generator=generator)
+
+    def lr_multipliers(self) -> dict[str, float]:
+        return {}
+
+    def no_weight_decay(self) -> tuple[str, ...]:
+        return ()
+
+    def describe(self) -> dict[str, str]:
+        """How this task computes its numbers, for reports (e.g. an EBT's descent rule): name -> value."""
+        return {}
+
+
+def check_batch(batch: Batch) -> None:
+    """Clear error unless ``batch`` has int64 ``tokens`` and ``targets`` of the same ``[B, S]`` shape."""
+    if not {"tokens", "targets"} <= set(batch):
+        raise KeyError(f"a batch needs 'tokens' and 'targets', got keys {sorted(batch)}")
+    tokens, targets = batch["tokens"], batch["targets"]
+    if tokens.dim() != 2 or tokens.shape != targets.shape or tokens.dtype != torch.long:
+        raise ValueError(f"tokens and targets must be int64 [B, S] of the same shape, got {tuple(tokens.shape)} "
+                         f"{tokens.dtype} and {tuple(targets.shape)} {targets.dtype}")
