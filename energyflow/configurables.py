@@ -48,7 +48,8 @@ def transformer_preset(size: str, *, max_seq_len: Optional[int] = None, ffn_hidd
 
 _register("architectures", transformer_preset, architectures.TransformerConfig, architectures.TransformerPP,
           architectures.EBT, architectures.LinearEnergyHead, architectures.QuadraticEnergyHead,
-          architectures.MeanPatchEnergyHead, architectures.LMHead)
+          architectures.MeanPatchEnergyHead, architectures.LMHead, architectures.BidirectionalConfig,
+          architectures.BidirectionalTransformer)
 
 # ------------------------------------------------------------------------------------------ samplers
 _register("samplers", samplers.GradientDescent, samplers.Langevin, samplers.MALA, samplers.HMC, samplers.NUTS)
@@ -65,7 +66,8 @@ _register("energyflow.models", _ebt_models.TextEBM, _ebt_models.VectorSequenceEB
 _register("energyflow.objectives", _ebt_objectives.EBTObjective, _ebt_objectives.RandomNoise,
           _ebt_objectives.Zeros, _ebt_objectives.RandomNumSteps, _ebt_objectives.LinearLabelSmoothing,
           _ebt_objectives.CrossEntropy, _ebt_objectives.SmoothL1, _ebt_objectives.MeanSquaredError,
-          _ebt_objectives.ReplayBuffer, _ebt_objectives.ContrastiveTerm, _ebt_objectives.WarmupLangevinNoise,
+          _ebt_objectives.ReplayBuffer, _ebt_objectives.ContrastiveTerm,
+          samplers.WarmupLangevinNoise,  # a samplers transform, registered under its old gin module
           _ebt_objectives.ContrastiveDivergence, _ebt_objectives.PersistentChains,
           _ebt_objectives.DenoisingScoreMatching)
 # Validation's descent usually differs from training's (no randomized step size, no noise): a second name

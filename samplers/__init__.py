@@ -15,7 +15,7 @@ from samplers.nuts import NUTS
 from samplers.parametrization import Parametrization, SoftmaxParametrization
 from samplers.schedules import Constant, CosineAnneal, GeometricAnneal, LinearAnneal, RandomizedStepSize, Schedule
 from samplers.trajectory import INFO_FIELDS, Trajectory
-from samplers.transforms import ClampGradient, ClampState, Detach, LangevinNoise, Transform
+from samplers.transforms import ClampGradient, ClampState, Detach, LangevinNoise, Transform, WarmupLangevinNoise
 from samplers.zoo import Banana, DoubleWell, Funnel, Gaussian, GaussianMixture, Target
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "Target",
     "Trajectory",
     "Transform",
+    "WarmupLangevinNoise",
     "effective_sample_size",
     "energy_and_grad",
     "log_density",

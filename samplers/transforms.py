@@ -7,7 +7,8 @@ A transform may act at three points of a step (every hook defaults to the identi
 - ``transform_grad(grad, step_size)``: on the energy gradient before it is used in an update
   (``ClampGradient``; inside HMC it acts on every leapfrog force evaluation);
 - ``transform_state(y, step_size=..., generator=...)``: on the state after the update
-  (``ClampState``, ``LangevinNoise``).
+  (``ClampState``, ``LangevinNoise``, ``WarmupLangevinNoise``: a learnable scale held fixed for the first
+  training steps).
 
 Detailed balance (Metropolis samplers, MALA and HMC):
 
@@ -111,6 +112,29 @@ class LangevinNoise(Transform):
     def transform_state(self, y: Tensor, *, step_size: Tensor, generator: Optional[torch.Generator]) -> Tensor:
         noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
         return y + self.scale.to(y.dtype) * noise
+
+
+class WarmupLangevinNoise(LangevinNoise):
+    """Langevin noise whose (learnable) scale stays fixed until ``learnable_after_step`` training steps.
+
+    Before that the scale enters the graph with a zero gradient (``s * 0 + sg(s) * 1``), rather than not at
+    all, so distributed data parallel sees the same parameters used at every step.
+    """
+
+    def __init__(self, scale: float, learnable_after_step: int):
+        super().__init__(scale, learnable=True)
+        if learnable_after_step < 0:
+            raise ValueError(f"learnable_after_step must be >= 0, got {learnable_after_step}")
+        self.learnable_after_step = int(learnable_after_step)
+        self.gate = 0.0 if learnable_after_step > 0 else 1.0
+
+    def set_training_step(self, step: int) -> None:
+        self.gate = 1.0 if step >= self.learnable_after_step else 0.0
+
+    def transform_state(self, y: Tensor, *, step_size: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+        scale = self.scale * self.gate + self.scale.detach() * (1.0 - self.gate)
+        noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+        return y + scale.to(y.dtype) * noise
 
 
 class Detach(Transform):

@@ -11,10 +11,10 @@ from energyflow.objectives.components import (CrossEntropy, LinearLabelSmoothing
 from energyflow.objectives.contrastive_divergence import ContrastiveDivergence, PersistentChains
 from energyflow.objectives.replay import ReplayBuffer
 from energyflow.objectives.score_matching import DenoisingScoreMatching
-from energyflow.objectives.unrolled import ContrastiveTerm, EBTObjective, ObjectiveOutput, WarmupLangevinNoise
+from energyflow.objectives.unrolled import ContrastiveTerm, EBTObjective, ObjectiveOutput
 
 __all__ = [
     "CrossEntropy", "LinearLabelSmoothing", "MeanSquaredError", "RandomNoise", "RandomNumSteps", "SmoothL1", "Zeros",
     "ContrastiveDivergence", "PersistentChains", "ReplayBuffer", "DenoisingScoreMatching", "ContrastiveTerm",
-    "EBTObjective", "ObjectiveOutput", "WarmupLangevinNoise",
+    "EBTObjective", "ObjectiveOutput",
 ]

@@ -27,7 +27,7 @@ from energyflow.models import StepEnergy, check_descent_space, check_step_index_
 from energyflow.objectives.components import CrossEntropy, RandomNoise, RandomNumSteps, resolve_num_steps
 from energyflow.objectives.replay import ReplayBuffer
 from samplers.trajectory import Trajectory
-from samplers.transforms import LangevinNoise
+from samplers.transforms import LangevinNoise, WarmupLangevinNoise
 
 
 @dataclass
@@ -55,29 +55,6 @@ class ContrastiveTerm:
         """``positive``, ``negative``: per-position energies ``[B, S]`` -> []."""
         gap = positive.mean() - negative.mean()
         return self.weight * gap + self.regularization * (positive.pow(2).mean() + negative.pow(2).mean())
-
-
-class WarmupLangevinNoise(LangevinNoise):
-    """Langevin noise whose (learnable) scale stays fixed until ``learnable_after_step`` training steps.
-
-    Before that the scale enters the graph with a zero gradient (``s * 0 + sg(s) * 1``), rather than not at
-    all, so distributed data parallel sees the same parameters used at every step.
-    """
-
-    def __init__(self, scale: float, learnable_after_step: int):
-        super().__init__(scale, learnable=True)
-        if learnable_after_step < 0:
-            raise ValueError(f"learnable_after_step must be >= 0, got {learnable_after_step}")
-        self.learnable_after_step = int(learnable_after_step)
-        self.gate = 0.0 if learnable_after_step > 0 else 1.0
-
-    def set_training_step(self, step: int) -> None:
-        self.gate = 1.0 if step >= self.learnable_after_step else 0.0
-
-    def transform_state(self, y: Tensor, *, step_size: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-        scale = self.scale * self.gate + self.scale.detach() * (1.0 - self.gate)
-        noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
-        return y + scale.to(y.dtype) * noise
 
 
 class _RecordingEnergy(StepEnergy):

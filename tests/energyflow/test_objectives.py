@@ -7,8 +7,8 @@ import torch
 from architectures import EBT, TransformerConfig
 from energyflow.models import TextEBM
 from energyflow.objectives import (ContrastiveTerm, CrossEntropy, EBTObjective, LinearLabelSmoothing,
-                                   RandomNoise, RandomNumSteps, ReplayBuffer, WarmupLangevinNoise, Zeros)
-from samplers import ClampGradient, ClampState, GradientDescent, LangevinNoise, RandomizedStepSize
+                                   RandomNoise, RandomNumSteps, ReplayBuffer, Zeros)
+from samplers import ClampGradient, ClampState, GradientDescent, LangevinNoise, RandomizedStepSize, WarmupLangevinNoise
 
 VOCAB, LENGTH, BATCH = 16, 6, 4
 

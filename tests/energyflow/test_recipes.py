@@ -7,7 +7,7 @@ from pathlib import Path
 import gin
 import pytest
 
-from energyflow.config import RecipeError, check_required_macros, list_recipes, parse_recipe, recipes_root
+from energyflow.config import RecipeError, check_required_macros, list_recipes, parse_recipe, parse_text, recipes_root
 
 ALL_RECIPES = sorted(p.relative_to(recipes_root()).as_posix() for p in recipes_root().rglob("*.gin"))
 
@@ -75,6 +75,15 @@ def test_bind_overrides_and_size_is_one_binding():
     assert (config.num_layers, config.num_heads, config.dim) == (4, 4, 256)
     assert gin.get_configurable("paper_learning_rate")() == 0.0018  # the learning rate follows the size
     assert gin.query_parameter("Trainer.seed") == 7
+
+
+def test_the_bidirectional_backbone_is_a_gin_configurable():
+    parse_text("BidirectionalTransformer.config = @BidirectionalConfig()\n"
+               "BidirectionalConfig.image_size = 8\nBidirectionalConfig.patch_size = 4\n"
+               "BidirectionalConfig.dim = 16\nBidirectionalConfig.num_layers = 1\nBidirectionalConfig.num_heads = 2\n",
+               "bidirectional.gin")
+    model = gin.get_configurable("BidirectionalTransformer")()
+    assert model.config.num_patches == 4 and model.config.dim == 16
 
 
 def test_bad_binding_and_missing_recipe_are_clear():
