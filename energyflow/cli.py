@@ -46,7 +46,8 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
     result, _, step = load_run(args.run_dir, device=args.device)
     counts = step_counts(args.max_steps)
     name = f"{Path(args.run_dir).name} (step {step})"
-    console.print(comparison_table({name: evaluate_steps(result, counts)}, {name: result.task.describe()}))
+    console.print(comparison_table({name: evaluate_steps(result, counts)}, {name: result.task.describe()},
+                                   {name: result.task.table_metrics}))
     return 0
 
 

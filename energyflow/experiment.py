@@ -52,20 +52,33 @@ def evaluate_steps(result: RunResult, eval_steps: Sequence[int]) -> dict[Optiona
 
 
 def comparison_table(results: dict[str, dict[Optional[int], dict[str, float]]],
-                     details: Optional[dict[str, dict[str, str]]] = None) -> Table:
-    """One row per (run, number of optimization steps): validation loss and perplexity, plus a column per
-    ``details`` entry (``Task.describe()`` of each run, e.g. an EBT's descent rule; "-" where a run has none)."""
-    details = details or {}
+                     details: Optional[dict[str, dict[str, str]]] = None,
+                     metrics: Optional[dict[str, Sequence[str]]] = None) -> Table:
+    """One row per (run, number of optimization steps): the metrics each run's task reports
+    (``metrics[run]``, its ``Task.table_metrics``; default: loss alone), in first-seen order, then a column per
+    ``details`` entry (``Task.describe()``, e.g. an EBT's descent rule). A run without a column shows "-"."""
+    details, metrics = details or {}, metrics or {}
+    columns = list(dict.fromkeys(name for run in results for name in metrics.get(run, ("loss",))))
     extra = sorted({key for described in details.values() for key in described})
     table = Table(title="validation")
-    for column in ("run", "optimization steps", "loss", "perplexity", *extra):
-        table.add_column(column, justify="right" if column in ("optimization steps", "loss", "perplexity") else "left")
+    table.add_column("run")
+    table.add_column("optimization steps", justify="right")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for column in extra:
+        table.add_column(column)
     for name, by_steps in results.items():
         described = [details.get(name, {}).get(key, "-") for key in extra]
-        for steps, metrics in by_steps.items():
-            table.add_row(name, "-" if steps is None else str(steps), f"{metrics['loss']:.4f}",
-                          f"{metrics['perplexity']:.3f}", *described)
+        shown = metrics.get(name, ("loss",))
+        for steps, values in by_steps.items():
+            cells = [_format(c, values[c]) if c in shown and c in values else "-" for c in columns]
+            table.add_row(name, "-" if steps is None else str(steps), *cells, *described)
     return table
+
+
+def _format(name: str, value: float) -> str:
+    """Three decimals for perplexities, four for everything else (losses)."""
+    return f"{value:.3f}" if "perplexity" in name else f"{value:.4f}"
 
 
 def compare(out_dir: Union[str, Path], runs: Sequence[str], eval_steps: Sequence[int] = (1,),
@@ -75,14 +88,14 @@ def compare(out_dir: Union[str, Path], runs: Sequence[str], eval_steps: Sequence
     if not runs:
         raise ValueError("compare.runs is empty; name the gin scopes to train, e.g. ['baseline', 'ebt']")
     configured_train = gin.get_configurable("train")
-    results, details = {}, {}
+    results, details, metrics = {}, {}, {}
     for name in runs:
         with gin.config_scope(name):
             result = configured_train(out_dir=Path(out_dir) / name)
         results[name] = evaluate_steps(result, eval_steps)
-        details[name] = result.task.describe()
+        details[name], metrics[name] = result.task.describe(), result.task.table_metrics
     if int(os.environ.get("RANK", "0")) == 0:
-        (console or Console()).print(comparison_table(results, details))
+        (console or Console()).print(comparison_table(results, details, metrics))
     return results
 
 

@@ -22,6 +22,8 @@ sampler whose step size is a learnable ``nn.Parameter``). The trainer wraps the 
 Class attributes and hooks (defaults below):
 
 - ``has_optimization_steps``: True when ``evaluate``'s ``num_steps`` changes the prediction.
+- ``table_metrics``: the validation metrics that tables and ``energyflow eval`` print, in order (default
+  ``("loss",)``; the text tasks add ``"perplexity"``).
 - ``cross_entropy_metrics``: glob patterns naming metrics that are mean token cross-entropies in nats.
   The trainer and the evaluator derive a perplexity for each as exp(mean loss), never a mean of
   perplexities: ``loss`` -> ``perplexity``, ``loss_step_2`` -> ``perplexity_step_2``.

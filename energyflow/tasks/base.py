@@ -16,6 +16,7 @@ class Task(nn.Module):
 
     has_optimization_steps: ClassVar[bool] = False
     cross_entropy_metrics: ClassVar[tuple[str, ...]] = ("loss",)
+    table_metrics: ClassVar[tuple[str, ...]] = ("loss",)
 
     def loss(self, batch: Batch, *, step: int, generator: torch.Generator) -> tuple[Tensor, Metrics]:
         raise NotImplementedError(f"{type(self).__name__} must implement loss(batch, *, step, generator)")

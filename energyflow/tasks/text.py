@@ -28,6 +28,8 @@ class LanguageModelTask(Task):
     token); the trainer derives ``perplexity = exp(mean loss)``.
     """
 
+    table_metrics: ClassVar[tuple[str, ...]] = ("loss", "perplexity")
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
@@ -60,6 +62,7 @@ class EBTLanguageModelTask(Task):
 
     has_optimization_steps: ClassVar[bool] = True
     cross_entropy_metrics: ClassVar[tuple[str, ...]] = ("loss", "loss_step_*", "initial_loss", "final_loss")
+    table_metrics: ClassVar[tuple[str, ...]] = ("loss", "perplexity")
 
     def __init__(self, model: TextEBM, objective: EBTObjective, *, step_size_lr_multiplier: float = 1500.0,
                  noise_lr_multiplier: float = 1.0, min_step_size: float = 1e-3, eval_seed: int = 1234) -> None:

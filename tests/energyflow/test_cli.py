@@ -105,3 +105,22 @@ def test_cli_reports_errors_with_exit_status_1(tmp_path):
     assert status == 1 and "no recipe" in text
     status, text = _run(["eval", str(tmp_path)])
     assert status == 1 and "not a run directory" in text
+
+
+def test_tables_print_the_metrics_each_task_reports():
+    """No hard-coded perplexity column: a run shows its task's ``table_metrics``; another's columns read "-"."""
+    from energyflow.experiment import comparison_table
+
+    results = {"text": {None: {"loss": 1.5, "perplexity": 4.4817}}, "image": {1: {"loss": 0.25, "psnr": 21.5}}}
+    table = comparison_table(results, {"text": {}, "image": {"descent": "state"}},
+                             {"text": ("loss", "perplexity"), "image": ("loss", "psnr")})
+    buffer = io.StringIO()
+    Console(file=buffer, width=200).print(table)
+    text = buffer.getvalue()
+    header = next(line for line in text.splitlines() if line.startswith("┃ run"))
+    assert [cell.strip() for cell in header.split("┃")[1:-1]] == ["run", "optimization steps", "loss", "perplexity",
+                                                                 "psnr", "descent"]
+    rows = {row[0]: row for row in ([cell.strip() for cell in line.split("│")[1:-1]] for line in text.splitlines()
+                                    if line.startswith(("│ text", "│ image")))}
+    assert rows["text"] == ["text", "-", "1.5000", "4.482", "-", "-"]
+    assert rows["image"] == ["image", "1", "0.2500", "-", "21.5000", "state"]
