@@ -1,12 +1,11 @@
 """Validation of a task on held-out batches, at one or several numbers of optimization steps."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
-from torch import Tensor
 
-from energyflow.data import to_batch
+from energyflow.data import Batch
 from energyflow.distributed import DistContext, all_reduce_sum
 from energyflow.metrics import mean_metrics, with_perplexities
 from energyflow.tasks import Task
@@ -23,9 +22,11 @@ def step_counts(max_steps: int) -> list[int]:
     return counts if counts[-1] == max_steps else counts + [max_steps]
 
 
-def evaluate_task(task: Task, batches: Sequence[Tensor], *, device: torch.device, num_steps: Optional[int] = None,
+def evaluate_task(task: Task, batches: Sequence[Any], to_batch: Callable[[Any, torch.device], Batch], *,
+                  device: torch.device, num_steps: Optional[int] = None,
                   context: Optional[DistContext] = None) -> dict[str, float]:
-    """Mean of ``task.evaluate`` over validation windows ``batches`` (each ``[B, S+1]``), plus perplexities.
+    """Mean of ``task.evaluate`` over the validation ``batches`` (raw; ``to_batch``, the data source's, makes
+    each the task's batch on ``device``), plus perplexities.
 
     With a ``context`` of several processes, batch ``i`` is evaluated by rank ``i % world_size`` and the
     sums are all-reduced, so every rank returns the same numbers as a single process would.

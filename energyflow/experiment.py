@@ -18,14 +18,14 @@ from rich.table import Table
 
 from energyflow import checkpoint as ckpt
 from energyflow.config import check_required_macros, parse_text
-from energyflow.data import TextData
+from energyflow.data import DataSource
 from energyflow.distributed import resolve_device
 from energyflow.evaluation import evaluate_task
 from energyflow.tasks import Task
 from energyflow.trainer import DTYPES, RunResult, Trainer
 
 
-def train(out_dir: Union[str, Path], task: Callable[[], Task], data: TextData, trainer: Trainer) -> RunResult:
+def train(out_dir: Union[str, Path], task: Callable[[], Task], data: DataSource, trainer: Trainer) -> RunResult:
     """Build the task under ``trainer.seed`` and train it into ``out_dir`` (resuming if it has checkpoints)."""
     if isinstance(task, Task) or not callable(task):
         raise TypeError("train.task must be an uncalled task configurable, e.g. `train.task = @LanguageModelTask` "
@@ -47,7 +47,8 @@ def launch(program: Optional[Callable[[], Any]] = None) -> Any:
 def evaluate_steps(result: RunResult, eval_steps: Sequence[int]) -> dict[Optional[int], dict[str, float]]:
     """Validation metrics at every count in ``eval_steps`` (one entry, key ``None``, for a one-shot task)."""
     counts: Sequence[Optional[int]] = eval_steps if result.task.has_optimization_steps else [None]
-    return {k: evaluate_task(result.task, result.validation_windows, device=result.device, num_steps=k)
+    return {k: evaluate_task(result.task, result.validation_windows, result.data.to_batch, device=result.device,
+                             num_steps=k)
             for k in counts}
 
 
@@ -133,5 +134,6 @@ def load_run(run_dir: Union[str, Path], device: str = "auto") -> tuple[RunResult
     ckpt.check_fingerprint(payload, task, latest)
     task.to(resolved, DTYPES[trainer.dtype])  # before loading: a float64 run's weights stay float64
     task.load_state_dict(payload["task"])
-    result = RunResult(out_dir=run_dir, task=task, validation_windows=trainer.validation_batches(data), device=resolved)
+    result = RunResult(out_dir=run_dir, task=task, data=data, validation_windows=trainer.validation_batches(data),
+                       device=resolved)
     return result, trainer, payload["step"]

@@ -1,6 +1,6 @@
 """The one trainer for every task: CPU or CUDA, DDP, accumulation, clipping, schedule, checkpoints, guards.
 
-``Trainer(...).fit(task, data, out_dir)`` trains a ``energyflow.tasks.Task`` on ``energyflow.data.TextData``.
+``Trainer(...).fit(task, data, out_dir)`` trains a ``energyflow.tasks.Task`` on any ``energyflow.data.DataSource``.
 Exact resume: the model, optimizer and data position are checkpointed; the learning rate is a pure
 function of the step; all randomness is reseeded from (seed, step, micro-batch, rank) at every step; and
 every rank's per-rank module state (replay buffers, persistent chains) is checkpointed and given back to
@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from energyflow import checkpoint as ckpt
 from energyflow import distributed
-from energyflow.data import BatchStream, TextData, to_batch
+from energyflow.data import DataSource
 from energyflow.evaluation import evaluate_task
 from energyflow.metrics import mean_metrics, with_perplexities
 from energyflow.monitor import Monitor
@@ -45,11 +45,13 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class RunResult:
-    """What ``fit`` returns: the trained task, the validation windows ``[B, S+1]`` it is evaluated on, the
-    per-step history of this process (``step`` = steps completed, 1-based) and the final validation."""
+    """What ``fit`` returns: the trained task, the data source, its validation batches (raw, as the source
+    keeps them: ``data.to_batch`` makes the task's batch), the per-step history of this process (``step`` =
+    steps completed, 1-based) and the final validation."""
 
     out_dir: Path
     task: Task
+    data: DataSource
     validation_windows: list[Tensor]
     device: torch.device
     history: list[dict[str, float]] = field(default_factory=list)
@@ -116,7 +118,7 @@ class Trainer:
                              f"{world_size} * {self.accumulation_steps}; pick a multiple of {per_step}")
         return self.batch_size // per_step
 
-    def validation_batches(self, data: TextData) -> list[Tensor]:
+    def validation_batches(self, data: DataSource) -> list[Tensor]:
         """The validation windows every evaluation of this run uses: ``eval_batches`` batches of
         ``eval_batch_size`` (default ``batch_size // accumulation_steps``, independent of the number of
         processes, so a validation number means the same thing under any ``torchrun`` layout)."""
@@ -127,7 +129,7 @@ class Trainer:
         return self.learning_rate * warmup_cosine(step, warmup_steps=self.warmup_steps, total_steps=self.num_steps,
                                                   min_lr_ratio=self.min_lr_ratio)
 
-    def fit(self, task: Task, data: TextData, out_dir: Union[str, Path], *, config: str = "",
+    def fit(self, task: Task, data: DataSource, out_dir: Union[str, Path], *, config: str = "",
             operative_config: Callable[[], str] = str, scope: str = "") -> RunResult:
         """Train ``task`` for ``num_steps`` optimizer steps, resuming from ``out_dir`` if it has checkpoints.
 
@@ -143,7 +145,7 @@ class Trainer:
             if flushing:
                 torch.set_flush_denormal(False)
 
-    def _fit(self, task: Task, data: TextData, out_dir: Path, config: str, operative_config: Callable[[], str],
+    def _fit(self, task: Task, data: DataSource, out_dir: Path, config: str, operative_config: Callable[[], str],
              scope: str) -> RunResult:
         run = _Run(self, task, data, out_dir, config, operative_config, scope)
         completed = False
@@ -170,7 +172,7 @@ def _wrap_ddp(task: Task, device: torch.device) -> DistributedDataParallel:
 class _Run:
     """The mutable state of one ``fit`` call, split into short steps."""
 
-    def __init__(self, trainer: Trainer, task: Task, data: TextData, out_dir: Path, config: str,
+    def __init__(self, trainer: Trainer, task: Task, data: DataSource, out_dir: Path, config: str,
                  operative_config: Callable[[], str], scope: str) -> None:
         self.t, self.task, self.out_dir = trainer, task, out_dir
         self.config, self.operative_config, self.scope = config, operative_config, scope
@@ -180,9 +182,10 @@ class _Run:
         groups = param_groups(task.named_parameters(), weight_decay=trainer.weight_decay, lr_multipliers=merged,
                               no_weight_decay=task.no_weight_decay())
         self.optimizer = build_optimizer(groups, learning_rate=trainer.learning_rate, betas=trainer.betas)
-        self.stream = BatchStream(data.train, micro_batch=trainer.micro_batch(self.context.world_size),
-                                  accumulation_steps=trainer.accumulation_steps, seed=trainer.seed,
-                                  rank=self.context.rank, world_size=self.context.world_size)
+        self.data = data
+        self.stream = data.train_stream(micro_batch=trainer.micro_batch(self.context.world_size),
+                                        accumulation_steps=trainer.accumulation_steps, seed=trainer.seed,
+                                        rank=self.context.rank, world_size=self.context.world_size)
         self.generator = torch.Generator(device=self.context.device)
         self.checkpoints = out_dir / "checkpoints"
         self.notes: list[str] = []  # shown once the monitor exists
@@ -192,8 +195,8 @@ class _Run:
             distributed.shutdown(self.context, synchronize=False)
             raise
         self.model = task if not self.context.is_distributed else _wrap_ddp(task, self.context.device)
-        self.result = RunResult(out_dir=out_dir, task=task, validation_windows=trainer.validation_batches(data),
-                                device=self.context.device)
+        self.result = RunResult(out_dir=out_dir, task=task, data=data,
+                                validation_windows=trainer.validation_batches(data), device=self.context.device)
         self.final: dict[str, dict[str, float]] = {}
         if self.context.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -252,7 +255,7 @@ class _Run:
             with sync:  # skip DDP's all-reduce on all but the last micro-batch
                 with torch.autocast(self.context.device.type, dtype=torch.bfloat16,
                                     enabled=self.context.device.type == "cuda"):
-                    loss, metrics = self.model(to_batch(windows, self.context.device), step=step,
+                    loss, metrics = self.model(self.data.to_batch(windows, self.context.device), step=step,
                                                generator=self.generator)
                 (loss / len(micro_batches)).backward()
             parts.append(metrics)
@@ -293,8 +296,8 @@ class _Run:
             self._save(done, values)
 
     def _validate(self, step: int) -> dict[str, float]:
-        values = evaluate_task(self.task, self.result.validation_windows, device=self.context.device,
-                               context=self.context)
+        values = evaluate_task(self.task, self.result.validation_windows, self.data.to_batch,
+                               device=self.context.device, context=self.context)
         self.monitor.scalars("validation", values, step)
         return values
 

@@ -34,7 +34,7 @@ def test_metrics_must_be_scalars_with_the_same_names():
 def test_evaluate_task_averages_batches_then_exponentiates(make_task, tiny_data):
     task = make_task()
     batches = tiny_data.validation_batches(4, max_batches=3)
-    metrics = evaluate_task(task, batches, device=torch.device("cpu"))
+    metrics = evaluate_task(task, batches, to_batch, device=torch.device("cpu"))
     with torch.no_grad():
         per_batch = [F.cross_entropy(task.model(b["tokens"]).flatten(0, 1), b["targets"].flatten())
                      for b in map(to_batch, batches)]

@@ -1,4 +1,4 @@
-"""Offline byte-level text data: corpora, a deterministic split, packing, and a resumable batch stream.
+"""Offline byte-level text data: corpora, a deterministic split, packing, and the text ``DataSource``.
 
 Every corpus is read as raw UTF-8 bytes (vocabulary 256), so no tokenizer is needed and a fresh install
 trains with no network. The default corpus is ``pydoc_data.topics``, the help texts that ship with the
@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-Batch = dict[str, Tensor]
+from energyflow.data.base import Batch, BatchStream
+
 VOCAB_SIZE = 256
 
 
@@ -91,12 +92,23 @@ def to_batch(windows: Tensor, device: Union[str, torch.device] = "cpu") -> Batch
 
 @dataclass
 class TextData:
-    """A corpus split and packed: ``train`` ``[W, S+1]`` and ``validation`` ``[V, S+1]`` uint8 windows."""
+    """A corpus split and packed: ``train`` ``[W, S+1]`` and ``validation`` ``[V, S+1]`` uint8 windows; a
+    ``DataSource``."""
 
     train: Tensor
     validation: Tensor
     seq_len: int
     vocab_size: int = VOCAB_SIZE
+
+    def train_stream(self, *, micro_batch: int, accumulation_steps: int = 1, seed: int = 0, rank: int = 0,
+                     world_size: int = 1) -> BatchStream:
+        """The ``DataSource`` training stream over the training windows."""
+        return BatchStream(self.train, micro_batch=micro_batch, accumulation_steps=accumulation_steps, seed=seed,
+                           rank=rank, world_size=world_size)
+
+    def to_batch(self, raw: Tensor, device: Union[str, torch.device] = "cpu") -> Batch:
+        """Windows ``[B, S+1]`` -> the text batch on ``device`` (``to_batch``)."""
+        return to_batch(raw, device)
 
     def validation_batches(self, batch_size: int, max_batches: Optional[int] = None) -> list[Tensor]:
         """Validation windows in order, in full batches of ``batch_size`` (a partial last batch is dropped
@@ -114,67 +126,3 @@ def text_data(corpus: Optional[bytes] = None, *, seq_len: int = 256, validation_
     corpus = pydoc_corpus() if corpus is None else corpus
     train, validation = split_bytes(corpus, validation_fraction)
     return TextData(train=pack(train, seq_len), validation=pack(validation, seq_len), seq_len=seq_len)
-
-
-class BatchStream:
-    """Deterministic, seedable, resumable stream of training windows, sharded over DDP ranks.
-
-    The stream is a sequence of epochs; epoch ``e`` is a permutation of the windows drawn from
-    ``seed`` and ``e``. Each optimizer step consumes the next ``global_batch`` windows; rank ``r`` of
-    ``world_size`` takes micro-batch ``m`` as rows ``(m * world_size + r) * micro_batch`` onward, so the
-    union over ranks and micro-batches is the same global batch whatever the number of processes.
-    ``position`` (windows consumed so far) is the whole state: it goes into every checkpoint.
-    """
-
-    def __init__(self, windows: Tensor, *, micro_batch: int, accumulation_steps: int = 1, seed: int = 0,
-                 rank: int = 0, world_size: int = 1) -> None:
-        if micro_batch < 1 or accumulation_steps < 1:
-            raise ValueError(f"micro_batch and accumulation_steps must be >= 1, got {micro_batch}, "
-                             f"{accumulation_steps}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        self.windows, self.micro_batch, self.accumulation_steps = windows, micro_batch, accumulation_steps
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.position = 0
-        self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
-
-    @property
-    def global_batch(self) -> int:
-        return self.micro_batch * self.world_size * self.accumulation_steps
-
-    def _indices(self, start: int, count: int) -> Tensor:
-        """Window indices for stream positions ``start .. start + count - 1`` (crossing epochs as needed)."""
-        size, out = len(self.windows), []
-        for position in range(start, start + count):
-            epoch = position // size
-            if epoch != self._epoch:
-                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-                self._epoch, self._order = epoch, torch.randperm(size, generator=generator)
-            out.append(self._order[position % size])
-        return torch.stack(out)
-
-    def next_step(self) -> list[Tensor]:
-        """This rank's ``accumulation_steps`` micro-batches ``[micro_batch, S+1]`` for the next step."""
-        micro_batches = []
-        for micro in range(self.accumulation_steps):
-            start = self.position + (micro * self.world_size + self.rank) * self.micro_batch
-            micro_batches.append(self.windows[self._indices(start, self.micro_batch)])
-        self.position += self.global_batch
-        return micro_batches
-
-    def __iter__(self) -> Iterator[list[Tensor]]:
-        while True:
-            yield self.next_step()
-
-    def state_dict(self) -> dict[str, int]:
-        return {"position": self.position, "seed": self.seed, "num_windows": len(self.windows),
-                "global_batch": self.global_batch}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Restore the position; refuse a state from a different corpus, seed or global batch."""
-        mine = self.state_dict()
-        for key in ("seed", "num_windows", "global_batch"):
-            if state[key] != mine[key]:
-                raise ValueError(f"cannot resume the data stream: the checkpoint has {key}={state[key]}, this run "
-                                 f"has {mine[key]}; resume with the run's original data and batch settings")
-        self.position = int(state["position"])
