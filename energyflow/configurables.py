@@ -22,7 +22,7 @@ def _register(module: str, *objects: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- data
-_register("energyflow.data", data.pydoc_corpus, data.text_files, data.hf_corpus, data.text_data)
+_register("energyflow.data", data.pydoc_corpus, data.text_files, data.hf_corpus, data.text_data, data.gaussian_data)
 
 # --------------------------------------------------------------------------------------------- tasks
 _register("energyflow.tasks", tasks.LanguageModelTask)
@@ -73,7 +73,7 @@ _register("energyflow.objectives", _ebt_objectives.EBTObjective, _ebt_objectives
 # Validation's descent usually differs from training's (no randomized step size, no noise): a second name
 # for the same class lets a recipe configure both without gin scopes (which `compare` already uses).
 gin.external_configurable(samplers.GradientDescent, name="EvalGradientDescent", module="energyflow.objectives")
-_register("energyflow.tasks", _ebt_tasks.EBTLanguageModelTask)
+_register("energyflow.tasks", _ebt_tasks.EBTLanguageModelTask, tasks.EnergyModelTask)
 
 # ---------------------------------------------------------------------- H-Net backbone and its tasks
 from architectures import hnet as _hnet, hnet_ebt as _hnet_ebt  # noqa: E402

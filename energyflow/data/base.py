@@ -44,6 +44,17 @@ class DataSource(Protocol):
         """One raw batch as the task's batch dict on ``device``."""
 
 
+def fixed_batches(examples: Tensor, batch_size: int, max_batches: Optional[int] = None) -> list[Tensor]:
+    """``examples`` in order, in full batches of ``batch_size`` (a partial last batch is dropped so every batch
+    mean has the same weight), at most ``max_batches``: the validation batches of a tensor data set."""
+    count = len(examples) // batch_size
+    if count == 0:
+        raise ValueError(f"the validation split has {len(examples)} examples, fewer than one batch of "
+                         f"{batch_size}; lower the evaluation batch size or raise the validation split")
+    count = count if max_batches is None else min(count, max_batches)
+    return [examples[i * batch_size:(i + 1) * batch_size] for i in range(count)]
+
+
 class BatchStream:
     """Deterministic, seedable, resumable stream of training windows, sharded over DDP ranks.
 

@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from energyflow.data.base import Batch, BatchStream
+from energyflow.data.base import Batch, BatchStream, fixed_batches
 
 VOCAB_SIZE = 256
 
@@ -111,14 +111,8 @@ class TextData:
         return to_batch(raw, device)
 
     def validation_batches(self, batch_size: int, max_batches: Optional[int] = None) -> list[Tensor]:
-        """Validation windows in order, in full batches of ``batch_size`` (a partial last batch is dropped
-        so every batch mean has the same weight), at most ``max_batches``."""
-        count = len(self.validation) // batch_size
-        if count == 0:
-            raise ValueError(f"the validation split has {len(self.validation)} windows, fewer than one batch of "
-                             f"{batch_size}; lower the evaluation batch size or raise validation_fraction")
-        count = count if max_batches is None else min(count, max_batches)
-        return [self.validation[i * batch_size:(i + 1) * batch_size] for i in range(count)]
+        """Validation windows in order, in full batches of ``batch_size``, at most ``max_batches``."""
+        return fixed_batches(self.validation, batch_size, max_batches)
 
 
 def text_data(corpus: Optional[bytes] = None, *, seq_len: int = 256, validation_fraction: float = 0.05) -> TextData:

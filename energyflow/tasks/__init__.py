@@ -41,6 +41,7 @@ from __future__ import annotations
 from energyflow.tasks.base import Metrics, Task, check_batch
 from energyflow.tasks.hnet import HNetEBTLanguageModelTask, HNetLanguageModelTask, RoutingRecorder
 from energyflow.tasks.text import EBTLanguageModelTask, LanguageModelTask
+from energyflow.tasks.vectors import EnergyModelTask
 
-__all__ = ["EBTLanguageModelTask", "HNetEBTLanguageModelTask", "HNetLanguageModelTask", "LanguageModelTask", "Metrics",
+__all__ = ["EBTLanguageModelTask", "EnergyModelTask", "HNetEBTLanguageModelTask", "HNetLanguageModelTask", "LanguageModelTask", "Metrics",
            "RoutingRecorder", "Task", "check_batch"]
