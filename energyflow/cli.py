@@ -20,9 +20,11 @@ from rich.table import Table
 from rich.text import Text
 
 from energyflow.checkpoint import CheckpointError
-from energyflow.config import RecipeError, list_recipes, parse_recipe
+from energyflow.config import RecipeError, list_recipes
+from energyflow.configurables import parse_recipe
 from energyflow.evaluation import step_counts
-from energyflow.experiment import comparison_table, evaluate_steps, load_run
+from energyflow.experiment import comparison_table, evaluate_steps
+from energyflow.runs import load_run
 from energyflow.inference.commands import add_commands as add_inference_commands
 from energyflow.trainer import TrainingDiverged
 

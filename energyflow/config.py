@@ -77,12 +77,10 @@ def check_includes(path: Path, root: Path, seen: Optional[set] = None) -> None:
 
 
 def parse_recipe(name: Union[str, Path], bindings: Sequence[str] = (), *, root: Optional[Path] = None) -> Path:
-    """Register every configurable, then parse the recipe and the ``--bind`` overrides into gin's config.
-
-    Unknown configurables and parameters are errors that name the file and line.
+    """Parse the recipe and the ``--bind`` overrides into gin's config. Unknown configurables and parameters are
+    errors that name the file and line, so the configurables must be registered first:
+    ``energyflow.configurables.parse_recipe`` (the one callers use) does that.
     """
-    import energyflow.configurables  # noqa: F401  (registration happens on import)
-
     root = root or recipes_root()
     path = resolve_recipe(name, root)
     check_includes(path, root)
@@ -95,9 +93,8 @@ def parse_recipe(name: Union[str, Path], bindings: Sequence[str] = (), *, root: 
 
 
 def parse_text(text: str, source: str) -> None:
-    """Parse gin ``text`` (e.g. a run's ``operative_config.gin``) with unknown names as errors."""
-    import energyflow.configurables  # noqa: F401
-
+    """Parse gin ``text`` (e.g. a run's ``operative_config.gin``) with unknown names as errors (registered
+    first: ``energyflow.configurables.parse_text``)."""
     try:
         gin.parse_config(text)
     except (ValueError, SyntaxError) as error:

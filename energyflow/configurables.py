@@ -13,7 +13,7 @@ import gin
 
 import architectures
 import samplers
-from energyflow import data, experiment, optim, tasks, trainer
+from energyflow import config, data, experiment, optim, tasks, trainer
 
 
 def _register(module: str, *objects: Any) -> None:
@@ -85,3 +85,15 @@ _register("energyflow.tasks", _hnet_tasks.HNetLanguageModelTask, _hnet_tasks.HNe
 # --------------------------------------------------------------------------------------------- roots
 # `energyflow train` calls `launch`; `launch.program` is `train` unless a recipe binds `@compare`.
 _register("energyflow", experiment.train, experiment.compare, experiment.launch)
+
+
+# ------------------------------------------------------------------------- parsing, with everything registered
+def parse_recipe(name, bindings=(), *, root=None):
+    """``energyflow.config.parse_recipe`` once every configurable above is registered (importing this module
+    registers them): the recipe and its ``--bind`` overrides, unknown names named with file and line."""
+    return config.parse_recipe(name, bindings, root=root)
+
+
+def parse_text(text: str, source: str) -> None:
+    """``energyflow.config.parse_text`` with every configurable registered (e.g. a run's operative config)."""
+    config.parse_text(text, source)

@@ -1,12 +1,12 @@
 """The gin roots: ``train`` (one run), ``compare`` (several gin-scoped runs and a table), ``launch`` (what
-``energyflow train`` calls), and re-building a finished run for ``energyflow eval``.
+``energyflow train`` calls); evaluation at several step counts and the comparison table. (Re-building a
+finished run: ``energyflow.runs``.)
 
 A recipe binds ``train.task`` to an *uncalled* task configurable (``@LanguageModelTask``): ``train`` seeds
 torch first and then builds the task, so model initialization is reproducible from ``Trainer.seed``.
 """
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -16,13 +16,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from energyflow import checkpoint as ckpt
-from energyflow.config import check_required_macros, parse_text
+from energyflow.config import check_required_macros
 from energyflow.data import DataSource
-from energyflow.distributed import resolve_device
 from energyflow.evaluation import evaluate_task
 from energyflow.tasks import Task
-from energyflow.trainer import DTYPES, RunResult, Trainer
+from energyflow.trainer import RunResult, Trainer
 
 
 def train(out_dir: Union[str, Path], task: Callable[[], Task], data: DataSource, trainer: Trainer) -> RunResult:
@@ -98,42 +96,3 @@ def compare(out_dir: Union[str, Path], runs: Sequence[str], eval_steps: Sequence
     if int(os.environ.get("RANK", "0")) == 0:
         (console or Console()).print(comparison_table(results, details, metrics))
     return results
-
-
-def _query(selector: str, scope: str) -> Any:
-    """The value bound to ``selector`` in ``scope`` (falling back to the unscoped binding), evaluated."""
-    for candidate in ([f"{scope}/{selector}"] if scope else []) + [selector]:
-        try:
-            reference = gin.query_parameter(candidate)
-        except ValueError:
-            continue
-        with gin.config_scope(scope or None):
-            return copy.deepcopy(reference)  # deepcopy evaluates gin references (`@x()`)
-    raise ValueError(f"the run's operative config binds no {selector!r}; it was not written by `train`")
-
-
-def load_run(run_dir: Union[str, Path], device: str = "auto") -> tuple[RunResult, Trainer, int]:
-    """Rebuild a finished run from its ``operative_config.gin`` and newest checkpoint.
-
-    Returns the result (task with the checkpoint's weights, validation windows), its trainer settings, and
-    the checkpoint's step. Clears gin's config first.
-    """
-    run_dir = Path(run_dir)
-    latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
-    operative = run_dir / "operative_config.gin"
-    if latest is None or not operative.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory with checkpoints/ and operative_config.gin")
-    resolved = resolve_device(device)
-    payload = ckpt.load_checkpoint(latest, map_location=resolved)
-    gin.clear_config()
-    parse_text(operative.read_text(), str(operative))
-    scope = payload["scope"]
-    trainer, data, task_fn = (_query(s, scope) for s in ("train.trainer", "train.data", "train.task"))
-    with gin.config_scope(scope or None):
-        task = task_fn()
-    ckpt.check_fingerprint(payload, task, latest)
-    task.to(resolved, DTYPES[trainer.dtype])  # before loading: a float64 run's weights stay float64
-    task.load_state_dict(payload["task"])
-    result = RunResult(out_dir=run_dir, task=task, data=data, validation_windows=trainer.validation_batches(data),
-                       device=resolved)
-    return result, trainer, payload["step"]

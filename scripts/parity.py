@@ -25,7 +25,7 @@ from pathlib import Path
 
 import gin
 
-from energyflow.config import parse_recipe
+from energyflow.configurables import parse_recipe
 
 SYSTEM1 = ["Trainer.learning_rate = 0.0024", "GradientDescent.step_size = 500.0",
            "EBTLanguageModelTask.step_size_lr_multiplier = 1500.0", "RandomNoise.scale = 1.0",

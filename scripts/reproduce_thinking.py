@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from energyflow import plots  # noqa: E402
 from energyflow.data import pack, text_files, to_batch  # noqa: E402
-from energyflow.experiment import load_run  # noqa: E402
+from energyflow.runs import load_run  # noqa: E402
 from energyflow.inference import think_tokens, thinking_config  # noqa: E402
 from energyflow.inference.sweep import baseline_loss, spread_batches, thinking_sweep  # noqa: E402
 from energyflow.objectives.components import resolve_num_steps  # noqa: E402

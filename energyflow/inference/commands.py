@@ -21,7 +21,7 @@ from rich.text import Text
 from torch import Tensor
 
 from energyflow.data import pack, text_files
-from energyflow.experiment import load_run
+from energyflow.runs import load_run
 from energyflow.inference.generation import Decoding, Generation, generate_baseline, generate_ebt
 from energyflow.inference.sweep import SweepResult, baseline_loss, check_counts, spread_batches, thinking_sweep
 from energyflow.inference.optimize import ThinkingConfig

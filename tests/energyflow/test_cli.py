@@ -9,8 +9,9 @@ import pytest
 from rich.console import Console
 
 from energyflow.cli import main
-from energyflow.config import parse_recipe
-from energyflow.experiment import evaluate_steps, load_run
+from energyflow.configurables import parse_recipe
+from energyflow.experiment import evaluate_steps
+from energyflow.runs import load_run
 
 # First five training losses of experiments/transformer_pp_debug.gin (seed 0, CPU, 1 thread) in float64
 # (Trainer.dtype = 'float64'): float64 rounding differences between CPUs and BLAS builds (~1e-16) stay far below

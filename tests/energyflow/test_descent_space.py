@@ -8,8 +8,8 @@ import torch
 
 from architectures import EBT, TransformerConfig
 from energyflow.cli import main
-from energyflow.config import parse_recipe
-from energyflow.experiment import load_run
+from energyflow.configurables import parse_recipe
+from energyflow.runs import load_run
 from energyflow.inference import Decoding, ThinkingConfig, generate_ebt, think_tokens
 from energyflow.models import TextEBM, VectorSequenceEBM
 from energyflow.objectives import EBTObjective

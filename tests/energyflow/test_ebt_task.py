@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from architectures import EBT, TransformerConfig
-from energyflow.config import parse_recipe
+from energyflow.configurables import parse_recipe
 from energyflow.models import TextEBM
 from energyflow.objectives import EBTObjective, ReplayBuffer
 from energyflow.optim import param_groups

@@ -7,7 +7,8 @@ from pathlib import Path
 import gin
 import pytest
 
-from energyflow.config import RecipeError, check_required_macros, list_recipes, parse_recipe, parse_text, recipes_root
+from energyflow.config import RecipeError, check_required_macros, list_recipes, recipes_root
+from energyflow.configurables import parse_recipe, parse_text
 
 ALL_RECIPES = sorted(p.relative_to(recipes_root()).as_posix() for p in recipes_root().rglob("*.gin"))
 
@@ -120,3 +121,20 @@ def test_debug_variant_trains_two_steps(name, tmp_path):
     parse_recipe(name, ["Trainer.num_steps = 2", "Trainer.progress = False", f"OUT_DIR = '{tmp_path}'"])
     gin.get_configurable("launch")()
     assert list(tmp_path.rglob("step_00000002.pt")), "no final checkpoint written"
+
+
+def test_gin_text_registration_and_programs_import_one_way():
+    """config (gin text) <- experiment (the programs) <- configurables (registration) <- runs (re-building a
+    run): no module imports one later in that chain, at the top or inside a function."""
+    import ast
+
+    order = ["config", "experiment", "configurables", "runs"]
+    package = Path(__file__).resolve().parents[2] / "energyflow"
+    for position, name in enumerate(order):
+        tree = ast.parse((package / f"{name}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {f"energyflow.{alias.name}" for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module == "energyflow" for alias in node.names}
+        later = {f"energyflow.{other}" for other in order[position + 1:]}
+        assert not imported & later, f"energyflow/{name}.py imports {sorted(imported & later)}"

@@ -7,7 +7,7 @@ import pytest
 from rich.console import Console
 
 from energyflow.cli import main
-from energyflow.config import parse_recipe
+from energyflow.configurables import parse_recipe
 
 RUN_BINDINGS = ["Trainer.progress = False", "NUM_STEPS = 1", "SEQ_LEN = 16", "Trainer.eval_batches = 1",
                 "Trainer.batch_size = 2"]
@@ -85,7 +85,7 @@ def test_think_refuses_a_baseline_run_and_bad_lists(runs):
 
 def test_thinking_options_reach_the_config(runs):
     from energyflow.cli import build_parser
-    from energyflow.experiment import load_run
+    from energyflow.runs import load_run
     from energyflow.inference.commands import _config
 
     args = build_parser().parse_args(["think", str(runs["ebt"]), "--step-size", "3", "--noise", "0.5",

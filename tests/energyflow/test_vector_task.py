@@ -9,9 +9,10 @@ import gin
 import pytest
 import torch
 
-from energyflow.config import parse_recipe
+from energyflow.configurables import parse_recipe
 from energyflow.data import VectorData, gaussian_data
-from energyflow.experiment import evaluate_steps, load_run
+from energyflow.experiment import evaluate_steps
+from energyflow.runs import load_run
 from test_ddp import _history, _torchrun, _validation
 
 DEBUG = "experiments/gaussian_dsm_debug.gin"

@@ -1,0 +1,53 @@
+"""Re-building a finished run from its run directory, for ``energyflow eval``, ``think`` and ``generate``:
+its operative config (parsed with every configurable registered) and its newest checkpoint."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Union
+
+import gin
+
+from energyflow import checkpoint as ckpt
+from energyflow.configurables import parse_text
+from energyflow.distributed import resolve_device
+from energyflow.trainer import DTYPES, RunResult, Trainer
+
+
+def _query(selector: str, scope: str) -> Any:
+    """The value bound to ``selector`` in ``scope`` (falling back to the unscoped binding), evaluated."""
+    for candidate in ([f"{scope}/{selector}"] if scope else []) + [selector]:
+        try:
+            reference = gin.query_parameter(candidate)
+        except ValueError:
+            continue
+        with gin.config_scope(scope or None):
+            return copy.deepcopy(reference)  # deepcopy evaluates gin references (`@x()`)
+    raise ValueError(f"the run's operative config binds no {selector!r}; it was not written by `train`")
+
+
+def load_run(run_dir: Union[str, Path], device: str = "auto") -> tuple[RunResult, Trainer, int]:
+    """Rebuild a finished run from its ``operative_config.gin`` and newest checkpoint.
+
+    Returns the result (task with the checkpoint's weights, validation windows), its trainer settings, and
+    the checkpoint's step. Clears gin's config first.
+    """
+    run_dir = Path(run_dir)
+    latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    operative = run_dir / "operative_config.gin"
+    if latest is None or not operative.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory with checkpoints/ and operative_config.gin")
+    resolved = resolve_device(device)
+    payload = ckpt.load_checkpoint(latest, map_location=resolved)
+    gin.clear_config()
+    parse_text(operative.read_text(), str(operative))
+    scope = payload["scope"]
+    trainer, data, task_fn = (_query(s, scope) for s in ("train.trainer", "train.data", "train.task"))
+    with gin.config_scope(scope or None):
+        task = task_fn()
+    ckpt.check_fingerprint(payload, task, latest)
+    task.to(resolved, DTYPES[trainer.dtype])  # before loading: a float64 run's weights stay float64
+    task.load_state_dict(payload["task"])
+    result = RunResult(out_dir=run_dir, task=task, data=data, validation_windows=trainer.validation_batches(data),
+                       device=resolved)
+    return result, trainer, payload["step"]
