@@ -22,7 +22,8 @@ def _register(module: str, *objects: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- data
-_register("energyflow.data", data.pydoc_corpus, data.text_files, data.hf_corpus, data.text_data, data.gaussian_data)
+_register("energyflow.data", data.pydoc_corpus, data.text_files, data.hf_corpus, data.text_data, data.gaussian_data,
+          data.photo_patches, data.digits_images, data.image_folder, data.hf_images)
 
 # --------------------------------------------------------------------------------------------- tasks
 _register("energyflow.tasks", tasks.LanguageModelTask)

@@ -1,5 +1,6 @@
 """Data: the ``DataSource`` contract the trainer sees (``energyflow.data.base``) and the data sets behind it,
-one module per modality (``text``: offline byte-level corpora; ``vectors``: continuous examples)."""
+one module per modality (``text``: offline byte-level corpora; ``vectors``: continuous examples; ``images``:
+photographs bundled with scikit-image, sklearn's digits, image folders, Hugging Face image columns)."""
 from __future__ import annotations
 
 from energyflow.data.base import Batch, BatchStream, DataSource, TrainStream, fixed_batches
@@ -14,7 +15,9 @@ from energyflow.data.text import (
     text_files,
     to_batch,
 )
+from energyflow.data.images import ImageData, digits_images, hf_images, image_folder, photo_patches
 from energyflow.data.vectors import VectorData, gaussian_data
 
-__all__ = ["Batch", "BatchStream", "DataSource", "TextData", "TrainStream", "VOCAB_SIZE", "VectorData", "fixed_batches",
+__all__ = ["Batch", "BatchStream", "DataSource", "ImageData", "TextData", "digits_images", "hf_images", "image_folder",
+           "photo_patches", "TrainStream", "VOCAB_SIZE", "VectorData", "fixed_batches",
            "gaussian_data", "hf_corpus", "pack", "pydoc_corpus", "split_bytes", "text_data", "text_files", "to_batch"]
