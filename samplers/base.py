@@ -224,9 +224,9 @@ class Sampler(nn.Module):
         transforms = list(self.transforms) + ([Detach()] if detach_between_steps else [])
         if parametrization is not None:
             if parametrization.descent_space == "image" and not self.supports_differentiable:
-                raise ValueError(f"{type(self).__name__} is Metropolis-corrected: a step from the image point u = map(y) "
-                                 "is not a proposal on y it can correct; use descent_space='state' or a descent "
-                                 "(GradientDescent, Langevin)")
+                raise ValueError(f"{type(self).__name__} is Metropolis-corrected: a step from the image point "
+                                 "u = map(y) is not a proposal on y it can correct; use descent_space='state' or a "
+                                 "descent (GradientDescent, Langevin)")
             energy_fn = parametrization.descent_energy(energy_fn)
             transforms += list(parametrization.transforms())
         total = warmup + num_steps

@@ -6,7 +6,8 @@ the trainer's business. ``BatchStream`` is the stream for any data set held as o
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional, Protocol, Union, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator, Optional, Protocol, Union, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -53,6 +54,41 @@ def fixed_batches(examples: Tensor, batch_size: int, max_batches: Optional[int] 
                          f"{batch_size}; lower the evaluation batch size or raise the validation split")
     count = count if max_batches is None else min(count, max_batches)
     return [examples[i * batch_size:(i + 1) * batch_size] for i in range(count)]
+
+
+@dataclass
+class TensorData:
+    """A ``DataSource`` held as two float tensors of examples, one row each: ``train [N, *example]`` and
+    ``validation [M, *example]``; a batch is ``{batch_key: [B, *example]}``. Subclasses name the key and the
+    example's layout (``example_layout``, e.g. ``"[N, C, H, W]"``, whose length fixes the number of dims)."""
+
+    train: Tensor
+    validation: Tensor
+    batch_key: ClassVar[str] = "data"
+    example_layout: ClassVar[str] = "[N, F]"
+
+    def __post_init__(self) -> None:
+        dims = len(self.example_layout.strip("[]").split(","))
+        for name in ("train", "validation"):
+            value = getattr(self, name)
+            if value.dim() != dims or not value.is_floating_point() or len(value) == 0:
+                raise ValueError(f"{type(self).__name__}.{name} must be a non-empty float tensor "
+                                 f"{self.example_layout}, got {tuple(value.shape)} {value.dtype}")
+        if self.train.shape[1:] != self.validation.shape[1:]:
+            raise ValueError(f"train and validation examples differ in shape: {tuple(self.train.shape[1:])} vs "
+                             f"{tuple(self.validation.shape[1:])}")
+
+    def train_stream(self, *, micro_batch: int, accumulation_steps: int = 1, seed: int = 0, rank: int = 0,
+                     world_size: int = 1) -> "BatchStream":
+        return BatchStream(self.train, micro_batch=micro_batch, accumulation_steps=accumulation_steps, seed=seed,
+                           rank=rank, world_size=world_size)
+
+    def validation_batches(self, batch_size: int, max_batches: Optional[int] = None) -> list[Tensor]:
+        return fixed_batches(self.validation, batch_size, max_batches)
+
+    def to_batch(self, raw: Tensor, device: Union[str, torch.device] = "cpu") -> Batch:
+        """``[B, *example]`` -> ``{batch_key: [B, *example]}`` on ``device``."""
+        return {self.batch_key: raw.to(device)}
 
 
 class BatchStream:

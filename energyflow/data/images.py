@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import ClassVar, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from energyflow.data.base import Batch, BatchStream, fixed_batches
+from energyflow.data.base import TensorData
 
 TRAIN_PHOTOGRAPHS = ("astronaut", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
                      "camera", "coins", "moon", "brick", "grass", "gravel")
@@ -36,38 +36,17 @@ def _import(module: str, what: str):
 
 
 @dataclass
-class ImageData:
-    """``train [N, C, H, W]`` and ``validation [M, C, H, W]`` float images in [-1, 1]; a ``DataSource``."""
+class ImageData(TensorData):
+    """``train [N, C, H, W]`` and ``validation [M, C, H, W]`` float images in [-1, 1]; a batch is
+    ``{"images": [B, C, H, W]}``."""
 
-    train: Tensor
-    validation: Tensor
-
-    def __post_init__(self) -> None:
-        for name in ("train", "validation"):
-            value = getattr(self, name)
-            if value.dim() != 4 or not value.is_floating_point() or len(value) == 0:
-                raise ValueError(f"ImageData.{name} must be a non-empty float tensor [N, C, H, W], got "
-                                 f"{tuple(value.shape)} {value.dtype}")
-        if self.train.shape[1:] != self.validation.shape[1:]:
-            raise ValueError(f"train and validation images differ in shape: {tuple(self.train.shape[1:])} vs "
-                             f"{tuple(self.validation.shape[1:])}")
+    batch_key: ClassVar[str] = "images"
+    example_layout: ClassVar[str] = "[N, C, H, W]"
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)``."""
         return tuple(self.train.shape[1:])
-
-    def train_stream(self, *, micro_batch: int, accumulation_steps: int = 1, seed: int = 0, rank: int = 0,
-                     world_size: int = 1) -> BatchStream:
-        return BatchStream(self.train, micro_batch=micro_batch, accumulation_steps=accumulation_steps, seed=seed,
-                           rank=rank, world_size=world_size)
-
-    def validation_batches(self, batch_size: int, max_batches: Optional[int] = None) -> list[Tensor]:
-        return fixed_batches(self.validation, batch_size, max_batches)
-
-    def to_batch(self, raw: Tensor, device: Union[str, torch.device] = "cpu") -> Batch:
-        """``[B, C, H, W]`` -> ``{"images": [B, C, H, W]}`` on ``device``."""
-        return {"images": raw.to(device)}
 
 
 def to_unit_range(array: np.ndarray) -> Tensor:

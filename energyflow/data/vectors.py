@@ -7,49 +7,27 @@ A batch is ``{"data": [B, F]}`` (float). The training stream is the same ``Batch
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import ClassVar, Optional
 
 import torch
 from torch import Tensor
 
-from energyflow.data.base import Batch, BatchStream, fixed_batches
+from energyflow.data.base import TensorData
 
 
 @dataclass
-class VectorData:
-    """``train [N, F]`` and ``validation [M, F]`` float examples; ``mean`` / ``covariance`` of the distribution
-    they were drawn from, where known (``None`` otherwise)."""
+class VectorData(TensorData):
+    """``train [N, F]`` and ``validation [M, F]`` float examples (a batch: ``{"data": [B, F]}``); ``mean`` and
+    ``covariance`` of the distribution they were drawn from, where known (``None`` otherwise)."""
 
-    train: Tensor
-    validation: Tensor
     mean: Optional[Tensor] = None
     covariance: Optional[Tensor] = None
-
-    def __post_init__(self) -> None:
-        for name in ("train", "validation"):
-            value = getattr(self, name)
-            if value.dim() != 2 or not value.is_floating_point() or len(value) == 0:
-                raise ValueError(f"VectorData.{name} must be a non-empty float tensor [N, F], got "
-                                 f"{tuple(value.shape)} {value.dtype}")
-        if self.train.shape[1] != self.validation.shape[1]:
-            raise ValueError(f"train and validation examples differ in width: {self.train.shape[1]} vs "
-                             f"{self.validation.shape[1]}")
+    batch_key: ClassVar[str] = "data"
+    example_layout: ClassVar[str] = "[N, F]"
 
     @property
     def dim(self) -> int:
         return self.train.shape[1]
-
-    def train_stream(self, *, micro_batch: int, accumulation_steps: int = 1, seed: int = 0, rank: int = 0,
-                     world_size: int = 1) -> BatchStream:
-        return BatchStream(self.train, micro_batch=micro_batch, accumulation_steps=accumulation_steps, seed=seed,
-                           rank=rank, world_size=world_size)
-
-    def validation_batches(self, batch_size: int, max_batches: Optional[int] = None) -> list[Tensor]:
-        return fixed_batches(self.validation, batch_size, max_batches)
-
-    def to_batch(self, raw: Tensor, device: Union[str, torch.device] = "cpu") -> Batch:
-        """``[B, F]`` -> ``{"data": [B, F]}`` on ``device``."""
-        return {"data": raw.to(device)}
 
 
 def gaussian_data(*, dim: int = 2, num_train: int = 4096, num_validation: int = 512, seed: int = 0) -> VectorData:

@@ -43,5 +43,5 @@ from energyflow.tasks.hnet import HNetEBTLanguageModelTask, HNetLanguageModelTas
 from energyflow.tasks.text import EBTLanguageModelTask, LanguageModelTask
 from energyflow.tasks.vectors import EnergyModelTask
 
-__all__ = ["EBTLanguageModelTask", "EnergyModelTask", "HNetEBTLanguageModelTask", "HNetLanguageModelTask", "LanguageModelTask", "Metrics",
-           "RoutingRecorder", "Task", "check_batch"]
+__all__ = ["EBTLanguageModelTask", "EnergyModelTask", "HNetEBTLanguageModelTask", "HNetLanguageModelTask",
+           "LanguageModelTask", "Metrics", "RoutingRecorder", "Task", "check_batch"]

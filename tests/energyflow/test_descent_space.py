@@ -134,7 +134,8 @@ def test_cached_generation_under_the_papers_rule_equals_recomputing_everything(n
     config = ThinkingConfig(num_steps=3, step_size=5.0, noise_scale=noise,
                             parametrization=SoftmaxParametrization("probabilities"))
     runs = [generate_ebt(model, prompt, 4, config, Decoding("sample", temperature=0.8), num_candidates=num_candidates,
-                         generator=torch.Generator().manual_seed(3), use_cache=use_cache) for use_cache in (True, False)]
+                         generator=torch.Generator().manual_seed(3), use_cache=use_cache)
+            for use_cache in (True, False)]
     assert torch.equal(runs[0].tokens, runs[1].tokens)
     torch.testing.assert_close(runs[0].energies, runs[1].energies, rtol=1e-4, atol=1e-4)
 

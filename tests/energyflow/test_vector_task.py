@@ -79,7 +79,7 @@ def test_vector_data_refuses_bad_shapes_and_is_deterministic():
     assert torch.equal(first.train, second.train) and first.validation.shape == (4, 3)
     with pytest.raises(ValueError, match="float tensor"):
         VectorData(torch.zeros(4, dtype=torch.long), torch.zeros(2, 3))
-    with pytest.raises(ValueError, match="differ in width"):
+    with pytest.raises(ValueError, match="differ in shape"):
         VectorData(torch.zeros(4, 3), torch.zeros(2, 2))
     with pytest.raises(ValueError, match="fewer than one batch"):
         first.validation_batches(8)
