@@ -123,12 +123,19 @@ def evaluate(
 
     ``validate`` checks the energy's shape (what every ``init`` does; shape checks do not sync).
     """
-    y_in = apply_input(transforms, y)
+    return evaluate_at(energy_fn, apply_input(transforms, y), create_graph=create_graph, need_grad=need_grad,
+                       validate=validate)
+
+
+def evaluate_at(energy_fn: EnergyFn, point: Tensor, *, create_graph: bool, need_grad: bool = True,
+                validate: bool = False) -> EnergyAndGrad:
+    """``evaluate`` at a ``point`` already through the transforms' ``transform_input`` (a descent keeps it in its
+    state as the origin of its next step, so the input transforms run once per state)."""
     if need_grad:
-        return energy_and_grad(energy_fn, y_in, create_graph=create_graph, validate=validate)
-    per_position = energy_fn(y_in)
+        return energy_and_grad(energy_fn, point, create_graph=create_graph, validate=validate)
+    per_position = energy_fn(point)
     if validate:
-        check_energy_shape(per_position, y_in)
+        check_energy_shape(per_position, point)
     energy = per_position if per_position.dim() == 1 else per_position.sum(dim=1)
     return EnergyAndGrad(energy, per_position, None)
 

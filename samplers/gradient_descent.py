@@ -20,7 +20,7 @@ from samplers.base import (
     as_step_size,
     check_positive,
     copy_as_tensor,
-    evaluate,
+    evaluate_at,
     unadjusted_info,
 )
 from samplers.energy import EnergyFn
@@ -32,8 +32,9 @@ from samplers.transforms import Transform, apply_grad, apply_input, apply_state
 class GDState(NamedTuple):
     y: Tensor  # [C, *event]
     energy: Tensor  # [C] energy at y
-    grad: Optional[Tensor]  # [C, *event] gradient at y (None for a run's last state: nothing uses it)
+    grad: Optional[Tensor]  # [C, *event] gradient at origin (None for a run's last state: nothing uses it)
     velocity: Optional[Tensor]  # [C, *event] momentum buffer, None without momentum
+    origin: Tensor  # [C, *event] transform_input(y): where the energy and gradient were taken, the next step's start
 
 
 def init(
@@ -44,9 +45,10 @@ def init(
     transforms: Sequence[Transform] = (),
     create_graph: bool = False,
 ) -> GDState:
-    evaluated = evaluate(energy_fn, y, transforms, create_graph=create_graph, validate=True)
+    origin = apply_input(transforms, y)
+    evaluated = evaluate_at(energy_fn, origin, create_graph=create_graph, validate=True)
     velocity = torch.zeros_like(y) if momentum > 0 else None
-    return GDState(y, evaluated.energy, evaluated.grad, velocity)
+    return GDState(y, evaluated.energy, evaluated.grad, velocity, origin)
 
 
 def step(
@@ -66,7 +68,7 @@ def step(
     Momentum follows ``torch.optim.SGD`` (v <- mu v + g; heavy ball steps along v, Nesterov along
     g + mu v), which needs no extra gradient evaluation at a look-ahead point.
     """
-    y = apply_input(transforms, state.y)
+    y = state.origin  # transform_input(state.y), computed once when the state was evaluated
     grad = apply_grad(transforms, state.grad, step_size)
     velocity, direction = state.velocity, grad
     if momentum > 0:
@@ -74,8 +76,10 @@ def step(
         velocity = momentum * apply_input([t for t in transforms if not isinstance(t, MapInput)], state.velocity) + grad
         direction = grad + momentum * velocity if nesterov else velocity
     y_new = apply_state(transforms, y - step_size * direction, step_size, generator)
-    evaluated = evaluate(energy_fn, y_new, transforms, create_graph=create_graph, need_grad=need_grad)
-    return GDState(y_new, evaluated.energy, evaluated.grad, velocity), unadjusted_info(evaluated, step_size, y_new)
+    origin = apply_input(transforms, y_new)
+    evaluated = evaluate_at(energy_fn, origin, create_graph=create_graph, need_grad=need_grad)
+    state_new = GDState(y_new, evaluated.energy, evaluated.grad, velocity, origin)
+    return state_new, unadjusted_info(evaluated, step_size, y_new)
 
 
 class GradientDescent(Sampler):

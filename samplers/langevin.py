@@ -21,7 +21,7 @@ from samplers.base import (
     as_step_size,
     check_positive,
     copy_as_tensor,
-    evaluate,
+    evaluate_at,
     unadjusted_info,
 )
 from samplers.energy import EnergyFn
@@ -32,14 +32,16 @@ from samplers.transforms import Transform, apply_grad, apply_input, apply_state
 class LangevinState(NamedTuple):
     y: Tensor  # [C, *event]
     energy: Tensor  # [C]
-    grad: Optional[Tensor]  # [C, *event]; None for a run's last state (nothing uses it)
+    grad: Optional[Tensor]  # [C, *event] at origin; None for a run's last state (nothing uses it)
+    origin: Tensor  # [C, *event] transform_input(y): where energy and gradient were taken, the next step's start
 
 
 def init(
     y: Tensor, energy_fn: EnergyFn, *, transforms: Sequence[Transform] = (), create_graph: bool = False
 ) -> LangevinState:
-    evaluated = evaluate(energy_fn, y, transforms, create_graph=create_graph, validate=True)
-    return LangevinState(y, evaluated.energy, evaluated.grad)
+    origin = apply_input(transforms, y)
+    evaluated = evaluate_at(energy_fn, origin, create_graph=create_graph, validate=True)
+    return LangevinState(y, evaluated.energy, evaluated.grad, origin)
 
 
 def step(
@@ -54,13 +56,14 @@ def step(
     need_grad: bool = True,
 ) -> tuple[LangevinState, StepInfo]:
     """One ULA step; ``step_size`` and ``temperature`` broadcast against the state."""
-    y = apply_input(transforms, state.y)
+    y = state.origin  # transform_input(state.y), computed once when the state was evaluated
     grad = apply_grad(transforms, state.grad, step_size)
     noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
     noise_scale = torch.sqrt(2.0 * step_size * temperature)
     y_new = apply_state(transforms, y - step_size * grad + noise_scale * noise, step_size, generator)
-    evaluated = evaluate(energy_fn, y_new, transforms, create_graph=create_graph, need_grad=need_grad)
-    return LangevinState(y_new, evaluated.energy, evaluated.grad), unadjusted_info(evaluated, step_size, y_new)
+    origin = apply_input(transforms, y_new)
+    evaluated = evaluate_at(energy_fn, origin, create_graph=create_graph, need_grad=need_grad)
+    return LangevinState(y_new, evaluated.energy, evaluated.grad, origin), unadjusted_info(evaluated, step_size, y_new)
 
 
 class Langevin(Sampler):
