@@ -10,6 +10,7 @@ the same way).
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -66,6 +67,8 @@ def _recipes(args: argparse.Namespace, console: Console) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="energyflow", description="Energy-based modeling: train, evaluate and "
                                      "list gin recipes.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of a bad setting instead of its one-line message")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train = commands.add_parser("train", help="train a recipe", description="Train the runs a gin recipe defines.")
     train.add_argument("recipe", help="a .gin file: a path, or a path under recipes/ (e.g. experiments/x.gin)")
@@ -87,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _configurable_of(error: BaseException) -> Optional[str]:
+    """The innermost gin configurable a ``ValueError``/``TypeError`` was raised in (gin appends
+    "In call to configurable 'X'" lines to the message), or ``None`` if it did not come from one."""
+    calls = re.findall(r"In call to configurable '([^']+)'", str(error))
+    return f"configurable {calls[0]!r}" if calls else None
+
+
 def main(argv: Optional[Sequence[str]] = None, console: Optional[Console] = None) -> int:
     """Entry point of the console script; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -96,6 +106,13 @@ def main(argv: Optional[Sequence[str]] = None, console: Optional[Console] = None
         return handler(args, console)
     except (RecipeError, CheckpointError, TrainingDiverged, FileNotFoundError) as error:
         console.print(Text("error: ", style="bold red") + Text(str(error)))
+        return 1
+    except (ValueError, TypeError) as error:
+        where = _configurable_of(error)
+        if args.debug or where is None:  # not a configurable refusing its settings: a bug, show it
+            raise
+        first = str(error).splitlines()[0]
+        console.print(Text("error: ", style="bold red") + Text(f"{first} (in {where}; --debug for the traceback)"))
         return 1
     finally:
         import torch.distributed as dist

@@ -125,3 +125,15 @@ def test_tables_print_the_metrics_each_task_reports():
                                     if line.startswith(("│ text", "│ image")))}
     assert rows["text"] == ["text", "-", "1.5000", "4.482", "-", "-"]
     assert rows["image"] == ["image", "1", "0.2500", "-", "21.5000", "state"]
+
+
+def test_a_configurable_refusing_its_setting_is_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    status, printed = _run(["train", "experiments/ebt_system1_debug.gin", "--out", str(out),
+                            "--bind", "DESCENT_SPACE = 'simplex'"])
+    assert status == 1 and "Traceback" not in printed
+    assert "descent_space must be 'probabilities'" in printed and "in configurable 'EBTObjective'" in printed
+    assert not out.exists()
+    with pytest.raises(ValueError, match="descent_space"):  # --debug re-raises with the traceback
+        main(["--debug", "train", "experiments/ebt_system1_debug.gin", "--out", str(out),
+              "--bind", "DESCENT_SPACE = 'simplex'"], console=Console(file=io.StringIO()))
