@@ -86,8 +86,11 @@ class GradientDescent(Sampler):
     """Gradient descent on the energy, the EBT inner loop.
 
     ``learnable=True`` registers the step size as an ``nn.Parameter`` holding the step size itself (no
-    reparameterization, as in the EBT reference: give it its own, larger learning rate and keep it
-    positive, e.g. with a clamp after each optimizer step; ``run`` rejects a non-positive value).
+    reparameterization, as in the EBT reference: give it its own, larger learning rate).
+    ``min_step_size``: a floor the step actually taken never goes below (``max(step_size, min_step_size)``
+    inside every step, as the reference clamps its learned step size in the forward pass): a learnable
+    step size that a large learning rate pushes through zero keeps descending at the floor, and the
+    parameter itself is never edited. ``None`` (default): no floor, and ``run`` rejects a non-positive value.
     ``step_size`` may be a float, a [C] tensor or a tensor broadcastable to the state.
     """
 
@@ -100,8 +103,12 @@ class GradientDescent(Sampler):
         nesterov: bool = False,
         schedule: Optional[Schedule] = None,
         transforms: Sequence[Transform] = (),
+        min_step_size: Optional[float] = None,
     ) -> None:
         super().__init__(transforms)
+        if min_step_size is not None and not min_step_size > 0:
+            raise ValueError(f"min_step_size must be None or > 0, got {min_step_size}")
+        self.min_step_size = None if min_step_size is None else float(min_step_size)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         if nesterov and momentum == 0.0:
@@ -113,8 +120,14 @@ class GradientDescent(Sampler):
             self.register_buffer("step_size", value)
         self.momentum, self.nesterov, self.schedule = momentum, nesterov, schedule
 
+    def operative_step_size(self, like: Optional[Tensor] = None) -> Tensor:
+        """The base step size a step takes (before any schedule): ``step_size``, raised to ``min_step_size`` if
+        set; keeps the parameter's graph. ``like``: a state to broadcast against (else the stored shape)."""
+        value = self.step_size if like is None else as_step_size(self.step_size, like)
+        return value if self.min_step_size is None else value.clamp(min=self.min_step_size)
+
     def _begin(self, y0: Tensor, warmup: int) -> None:
-        check_positive(as_step_size(self.step_size, y0), "GradientDescent step_size")
+        check_positive(self.operative_step_size(y0), "GradientDescent step_size")
 
     def _init(self, y0: Tensor, energy_fn: EnergyFn, transforms: Sequence[Transform], create_graph: bool) -> GDState:
         return init(y0, energy_fn, momentum=self.momentum, transforms=transforms, create_graph=create_graph)
@@ -122,7 +135,7 @@ class GradientDescent(Sampler):
     def _transition(
         self, state: GDState, energy_fn: EnergyFn, transforms: Sequence[Transform], tuning: None, ctx: StepContext
     ) -> tuple[GDState, StepInfo]:
-        step_size = as_step_size(self.step_size, state.y)
+        step_size = self.operative_step_size(state.y)
         if self.schedule is not None:
             step_size = self.schedule(step_size, ctx.index, ctx.num_steps, shape=state.y.shape, generator=ctx.generator)
         return step(
@@ -138,4 +151,5 @@ class GradientDescent(Sampler):
         )
 
     def extra_repr(self) -> str:
-        return f"momentum={self.momentum}, nesterov={self.nesterov}, schedule={self.schedule}"
+        floor = "" if self.min_step_size is None else f", min_step_size={self.min_step_size}"
+        return f"momentum={self.momentum}, nesterov={self.nesterov}, schedule={self.schedule}{floor}"

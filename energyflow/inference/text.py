@@ -39,7 +39,8 @@ def thinking_config(objective: nn.Module, *, num_steps: int, step_size: Optional
     """
     sampler = objective.eval_sampler if objective.eval_sampler is not None else objective.sampler
     if step_size is None:
-        step_size = sampler.step_size.detach().clone()
+        operative = getattr(sampler, "operative_step_size", None)  # the learned value, raised to its floor
+        step_size = (operative() if callable(operative) else sampler.step_size).detach().clone()
     transforms = tuple(t for t in sampler.transforms if not isinstance(t, (LangevinNoise, Detach)))
     space = getattr(objective, "descent_space", None)
     return ThinkingConfig(num_steps=num_steps, step_size=step_size, noise_scale=noise_scale,

@@ -6,15 +6,16 @@
 - :class:`ContrastiveDivergence` (``contrastive_divergence``): persistent CD with any sampler.
 - :class:`DenoisingScoreMatching` (``score_matching``).
 """
-from energyflow.objectives.components import (CrossEntropy, LinearLabelSmoothing, MeanSquaredError, RandomNoise,
-                                              RandomNumSteps, SmoothL1, Zeros)
+from energyflow.objectives.components import (CrossEntropy, InputState, LinearLabelSmoothing, MeanSquaredError,
+                                              RandomNoise, RandomNumSteps, SmoothL1, Zeros)
 from energyflow.objectives.contrastive_divergence import ContrastiveDivergence, PersistentChains
 from energyflow.objectives.replay import ReplayBuffer
 from energyflow.objectives.score_matching import DenoisingScoreMatching
 from energyflow.objectives.unrolled import ContrastiveTerm, EBTObjective, ObjectiveOutput
 
 __all__ = [
-    "CrossEntropy", "LinearLabelSmoothing", "MeanSquaredError", "RandomNoise", "RandomNumSteps", "SmoothL1", "Zeros",
+    "CrossEntropy", "InputState", "LinearLabelSmoothing", "MeanSquaredError", "RandomNoise", "RandomNumSteps",
+    "SmoothL1", "Zeros",
     "ContrastiveDivergence", "PersistentChains", "ReplayBuffer", "DenoisingScoreMatching", "ContrastiveTerm",
     "EBTObjective", "ObjectiveOutput",
 ]

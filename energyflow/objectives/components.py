@@ -35,6 +35,31 @@ class Zeros:
         return torch.zeros(tuple(shape), device=device, dtype=dtype)
 
 
+class InputState:
+    """Initial state y_0 = the input itself, plus ``jitter * N(0, I)`` if ``jitter > 0`` (image denoising: the
+    descent starts at the noisy image; a jitter re-draws the start for best-of-N self-verification). The
+    objective hands it the batch's inputs (``takes_inputs``); they must have the candidate's shape."""
+
+    takes_inputs = True
+
+    def __init__(self, jitter: float = 0.0):
+        if jitter < 0:
+            raise ValueError(f"InputState jitter must be >= 0, got {jitter}")
+        self.jitter = float(jitter)
+
+    def __call__(
+        self, shape: Sequence[int], *, device: torch.device, dtype: torch.dtype, generator: Optional[torch.Generator],
+        inputs: Tensor,
+    ) -> Tensor:
+        if tuple(inputs.shape) != tuple(shape):
+            raise ValueError(f"InputState starts the descent at the input, but the input {tuple(inputs.shape)} and the "
+                             f"candidate {tuple(shape)} differ in shape; use RandomNoise or Zeros for this model")
+        state = inputs.detach().to(device=device, dtype=dtype)
+        if self.jitter > 0:
+            state = state + self.jitter * torch.randn(tuple(shape), device=device, dtype=dtype, generator=generator)
+        return state.clone()
+
+
 class RandomNumSteps:
     """Draw the number of optimization steps uniformly from [low, high] for each training step.
 

@@ -128,6 +128,8 @@ class EBTObjective(nn.Module):
         self.sampler = sampler
         if eval_sampler is not None and isinstance(getattr(sampler, "step_size", None), nn.Parameter):
             eval_sampler.step_size = sampler.step_size  # shared Parameter: one value, trained once
+            if getattr(eval_sampler, "min_step_size", 0) is None:  # and the floor it trains under
+                eval_sampler.min_step_size = getattr(sampler, "min_step_size", None)
         self.eval_sampler = eval_sampler
         self.num_steps = num_steps
         self.initial_state = initial_state if initial_state is not None else RandomNoise(1.0)
@@ -207,8 +209,9 @@ class EBTObjective(nn.Module):
                training: bool) -> tuple[Tensor, Tensor, Tensor, int]:
         """y_0 for every row; in training part of the batch comes from the replay buffer (with its contexts)."""
         dtype = next(model.parameters()).dtype  # the state in the weights' precision (fp32 under bf16 autocast)
+        inputs_keyword = {"inputs": inputs} if getattr(self.initial_state, "takes_inputs", False) else {}
         state = self.initial_state(model.candidate_shape(targets), device=targets.device, dtype=dtype,
-                                   generator=generator)
+                                   generator=generator, **inputs_keyword)
         if training and self.replay_buffer is not None:
             return self.replay_buffer.mix(inputs, targets, state, generator)
         return inputs, targets, state, 0
@@ -246,6 +249,8 @@ class EBTObjective(nn.Module):
 
 
 def _base_step_size(sampler: nn.Module, trajectory) -> Tensor:
-    """The sampler's base (possibly learned) step size; the mean step actually used if it has none."""
-    value = getattr(sampler, "step_size", None)
+    """The sampler's base (possibly learned) step size, as a step takes it (``operative_step_size``: raised to the
+    sampler's floor); the mean step actually used if it has none."""
+    operative = getattr(sampler, "operative_step_size", None)
+    value = operative() if callable(operative) else getattr(sampler, "step_size", None)
     return value.detach().float().mean() if isinstance(value, Tensor) else trajectory.info["step_size"].mean()

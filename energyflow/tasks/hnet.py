@@ -109,7 +109,7 @@ class HNetEBTLanguageModelTask(_RatioLoss, EBTLanguageModelTask):
 
     def __init__(self, model: TextEBM, objective: EBTObjective, *, ratio_loss_weight: float = 0.03,
                  step_size_lr_multiplier: float = 1500.0, noise_lr_multiplier: float = 1.0,
-                 min_step_size: float = 1e-3, eval_seed: int = 1234) -> None:
+                 min_step_size: Optional[float] = None, eval_seed: int = 1234) -> None:
         super().__init__(model, objective, step_size_lr_multiplier=step_size_lr_multiplier,
                          noise_lr_multiplier=noise_lr_multiplier, min_step_size=min_step_size, eval_seed=eval_seed)
         self.ratio_loss_weight = _check_weight(ratio_loss_weight)

@@ -17,8 +17,7 @@ from torch import Tensor, nn
 from energyflow.data import Batch
 from energyflow.models import TextEBM
 from energyflow.objectives.unrolled import EBTObjective
-from energyflow.tasks.base import Metrics, Task, check_batch
-from samplers.transforms import LangevinNoise
+from energyflow.tasks.base import Metrics, Task, check_batch, descent_lr_multipliers
 
 
 class LanguageModelTask(Task):
@@ -55,8 +54,9 @@ class EBTLanguageModelTask(Task):
 
     ``step_size_lr_multiplier``: learning-rate multiplier of a learnable step size (the paper: 1500x).
     ``noise_lr_multiplier``: the same for a learnable Langevin noise scale.
-    ``min_step_size``: a learnable step size is projected to at least this before every batch (the
-    sampler refuses a non-positive step, and a large learning rate can overshoot zero).
+    ``min_step_size``: kept for runs recorded before the sampler had its own floor (their operative configs
+    bind it): handed once, at construction, to a sampler without a floor as ``GradientDescent.min_step_size``
+    (the recipes now set that directly). The task never edits the step size.
     ``eval_seed``: seed of the initial states at validation (the same noise for every validation batch).
     """
 
@@ -65,24 +65,17 @@ class EBTLanguageModelTask(Task):
     table_metrics: ClassVar[tuple[str, ...]] = ("loss", "perplexity")
 
     def __init__(self, model: TextEBM, objective: EBTObjective, *, step_size_lr_multiplier: float = 1500.0,
-                 noise_lr_multiplier: float = 1.0, min_step_size: float = 1e-3, eval_seed: int = 1234) -> None:
+                 noise_lr_multiplier: float = 1.0, min_step_size: Optional[float] = None,
+                 eval_seed: int = 1234) -> None:
         super().__init__()
-        if min_step_size <= 0:
-            raise ValueError(f"min_step_size must be > 0, got {min_step_size}")
         self.model, self.objective = model, objective
         self.step_size_lr_multiplier, self.noise_lr_multiplier = step_size_lr_multiplier, noise_lr_multiplier
-        self.min_step_size, self.eval_seed = min_step_size, eval_seed
-
-    def _learnable_step_size(self) -> Optional[nn.Parameter]:
-        value = getattr(self.objective.sampler, "step_size", None)
-        return value if isinstance(value, nn.Parameter) else None
+        self.eval_seed = eval_seed
+        if min_step_size is not None:
+            hand_floor_to_samplers(objective, min_step_size)
 
     def loss(self, batch: Batch, *, step: int, generator: torch.Generator) -> tuple[Tensor, Metrics]:
         check_batch(batch)
-        step_size = self._learnable_step_size()
-        if step_size is not None:
-            with torch.no_grad():
-                step_size.clamp_(min=self.min_step_size)
         out = self.objective(self.model, batch["tokens"], batch["targets"], generator=generator, step=step)
         return out.loss, {"loss": out.loss.detach(), **out.metrics}
 
@@ -100,9 +93,13 @@ class EBTLanguageModelTask(Task):
         return {"descent": self.objective.descent_space or "logits"}
 
     def lr_multipliers(self) -> dict[str, float]:
-        multipliers = {}
-        if self._learnable_step_size() is not None:
-            multipliers["*step_size"] = self.step_size_lr_multiplier
-        if any(isinstance(m, LangevinNoise) and isinstance(m.scale, nn.Parameter) for m in self.objective.modules()):
-            multipliers["*transforms.*.scale"] = self.noise_lr_multiplier
-        return multipliers
+        return descent_lr_multipliers(self.objective, self.step_size_lr_multiplier, self.noise_lr_multiplier)
+
+def hand_floor_to_samplers(objective: nn.Module, min_step_size: float) -> None:
+    """An old run's task-level ``min_step_size``, given to the objective's samplers that have no floor of their own
+    (``GradientDescent.min_step_size``)."""
+    if not min_step_size > 0:
+        raise ValueError(f"min_step_size must be > 0, got {min_step_size}")
+    for sampler in (objective.sampler, getattr(objective, "eval_sampler", None)):
+        if sampler is not None and getattr(sampler, "min_step_size", 0) is None:
+            sampler.min_step_size = float(min_step_size)

@@ -75,12 +75,33 @@ def test_learnable_noise_gets_its_own_multiplier():
                for g in groups)
 
 
-def test_step_size_is_projected_to_stay_positive():
+def test_sampler_keeps_its_own_step_size_positive():
+    """The floor lives in the sampler: a learned step size pushed through zero descends at the floor, and
+    neither the task nor the sampler edits the parameter (its optimizer state stays the optimizer's)."""
     task = tiny_task()
+    task.objective.sampler.min_step_size = 1e-3
     with torch.no_grad():
         task.objective.sampler.step_size.fill_(-3.0)  # as a large learning rate can overshoot zero
-    task.loss(tiny_batch(), step=0, generator=torch.Generator().manual_seed(0))
-    assert float(task.objective.sampler.step_size.detach()) == pytest.approx(task.min_step_size)
+    _, metrics = task.loss(tiny_batch(), step=0, generator=torch.Generator().manual_seed(0))
+    assert float(task.objective.sampler.step_size.detach()) == -3.0  # untouched
+    assert float(metrics["step_size"]) == pytest.approx(1e-3)  # the step actually taken
+    task.objective.sampler.min_step_size = None  # without a floor the sampler refuses the negative step
+    with pytest.raises(ValueError, match="step_size must be finite and positive"):
+        task.loss(tiny_batch(), step=0, generator=torch.Generator().manual_seed(0))
+
+
+def test_an_old_runs_task_floor_is_handed_to_its_samplers():
+    """Operative configs written before the sampler had a floor bind EBTLanguageModelTask.min_step_size."""
+    torch.manual_seed(0)
+    model = TextEBM(EBT(TransformerConfig(dim=32, num_layers=1, num_heads=2, max_seq_len=8)), 256)
+    train_sampler, eval_sampler = GradientDescent(20.0, learnable=True), GradientDescent(20.0)
+    task = EBTLanguageModelTask(model, EBTObjective(train_sampler, eval_sampler=eval_sampler), min_step_size=2e-3)
+    assert train_sampler.min_step_size == eval_sampler.min_step_size == 2e-3
+    floored = GradientDescent(20.0, learnable=True, min_step_size=0.5)  # a sampler's own floor wins
+    EBTLanguageModelTask(model, EBTObjective(floored), min_step_size=2e-3)
+    assert floored.min_step_size == 0.5
+    with pytest.raises(ValueError, match="min_step_size must be > 0"):
+        EBTLanguageModelTask(model, EBTObjective(GradientDescent(1.0)), min_step_size=0.0)
 
 
 def test_replay_buffer_travels_in_the_checkpoint(tmp_path):
