@@ -24,7 +24,7 @@ from energyflow.checkpoint import CheckpointError
 from energyflow.config import RecipeError, list_recipes
 from energyflow.configurables import parse_recipe
 from energyflow.evaluation import step_counts
-from energyflow.experiment import comparison_table, evaluate_steps
+from energyflow.experiment import comparison_table, evaluate_steps, write_metrics_json
 from energyflow.runs import load_run
 from energyflow.inference.commands import add_commands as add_inference_commands
 from energyflow.trainer import TrainingDiverged
@@ -49,8 +49,11 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
     result, _, step = load_run(args.run_dir, device=args.device)
     counts = step_counts(args.max_steps)
     name = f"{Path(args.run_dir).name} (step {step})"
-    console.print(comparison_table({name: evaluate_steps(result, counts)}, {name: result.task.describe()},
-                                   {name: result.task.table_metrics}))
+    results, details = {name: evaluate_steps(result, counts)}, {name: result.task.describe()}
+    console.print(comparison_table(results, details, {name: result.task.table_metrics},
+                                   {name: result.task.steps_label}))
+    if args.json is not None:
+        console.print(f"metrics -> {write_metrics_json(args.json, results, details)}")
     return 0
 
 
@@ -77,11 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run directory (default: runs/<recipe name>); an existing one is resumed")
     train.set_defaults(handler=_train)
     evaluate = commands.add_parser("eval", help="evaluate a finished run", description=(
-        "Validation loss and perplexity of a run's newest checkpoint: at 1, 2, 4, ... optimization steps for "
-        "iterative (EBT) tasks, once for the others. Rebuilds the run from its operative_config.gin."))
+        "Validation metrics of a run's newest checkpoint (the task's: loss and perplexity for text, MSE and PSNR "
+        "for images): at 1, 2, 4, ... optimization steps for iterative (EBT) tasks, at its own DDIM step counts for "
+        "a diffusion baseline, once for the others. Rebuilds the run from its operative_config.gin."))
     evaluate.add_argument("run_dir", help="a run directory written by `energyflow train`")
     evaluate.add_argument("--max-steps", type=int, default=8, help="largest number of optimization steps (default 8)")
     evaluate.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    evaluate.add_argument("--json", metavar="FILE", help="also write the metrics it prints to FILE as JSON: "
+                          "{\"runs\": {run: {\"describe\": {...}, \"steps\": {\"1\": {metric: value}}}}}")
     evaluate.set_defaults(handler=_eval)
     recipes = commands.add_parser("recipes", help="list the recipes", description=(
         "List every recipe under the recipes root with the first comment line of the file."))

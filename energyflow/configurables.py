@@ -47,7 +47,18 @@ def transformer_preset(size: str, *, max_seq_len: Optional[int] = None, ffn_hidd
     return architectures.TransformerConfig.from_preset(size, **{k: v for k, v in overrides.items() if v is not None})
 
 
-_register("architectures", transformer_preset, architectures.TransformerConfig, architectures.TransformerPP,
+def bidirectional_preset(size: str, *, image_size: int, patch_size: int, in_channels: int = 3,
+                         mlp_ratio: Optional[float] = None, init: Optional[str] = None,
+                         attention_backend: Optional[str] = None) -> architectures.BidirectionalConfig:
+    """``BidirectionalConfig.from_preset`` (the paper's layers/heads/width for ``size``) with the image fields,
+    with an explicit signature so that gin rejects a typo'd field at parse time."""
+    overrides = {"mlp_ratio": mlp_ratio, "init": init, "attention_backend": attention_backend}
+    return architectures.BidirectionalConfig.from_preset(
+        size, image_size=image_size, patch_size=patch_size, in_channels=in_channels,
+        **{k: v for k, v in overrides.items() if v is not None})
+
+
+_register("architectures", transformer_preset, bidirectional_preset, architectures.TransformerConfig, architectures.TransformerPP,
           architectures.EBT, architectures.LinearEnergyHead, architectures.QuadraticEnergyHead,
           architectures.MeanPatchEnergyHead, architectures.LMHead, architectures.BidirectionalConfig,
           architectures.BidirectionalTransformer)
@@ -63,9 +74,10 @@ _register("samplers.transforms", samplers.ClampGradient, samplers.ClampState, sa
 from energyflow import models as _ebt_models, objectives as _ebt_objectives  # noqa: E402
 from energyflow.tasks import text as _ebt_tasks  # noqa: E402
 
-_register("energyflow.models", _ebt_models.TextEBM, _ebt_models.VectorSequenceEBM, _ebt_models.GaussianEnergy)
+_register("energyflow.models", _ebt_models.TextEBM, _ebt_models.VectorSequenceEBM, _ebt_models.GaussianEnergy,
+          _ebt_models.ImageEBM)
 _register("energyflow.objectives", _ebt_objectives.EBTObjective, _ebt_objectives.RandomNoise,
-          _ebt_objectives.Zeros, _ebt_objectives.RandomNumSteps, _ebt_objectives.LinearLabelSmoothing,
+          _ebt_objectives.Zeros, _ebt_objectives.InputState, _ebt_objectives.RandomNumSteps, _ebt_objectives.LinearLabelSmoothing,
           _ebt_objectives.CrossEntropy, _ebt_objectives.SmoothL1, _ebt_objectives.MeanSquaredError,
           _ebt_objectives.ReplayBuffer, _ebt_objectives.ContrastiveTerm,
           samplers.WarmupLangevinNoise,  # a samplers transform, registered under its old gin module
@@ -75,6 +87,12 @@ _register("energyflow.objectives", _ebt_objectives.EBTObjective, _ebt_objectives
 # for the same class lets a recipe configure both without gin scopes (which `compare` already uses).
 gin.external_configurable(samplers.GradientDescent, name="EvalGradientDescent", module="energyflow.objectives")
 _register("energyflow.tasks", _ebt_tasks.EBTLanguageModelTask, tasks.EnergyModelTask)
+
+# ------------------------------------------------------------------------- images: the EBT and the DiT
+from energyflow.objectives import diffusion as _diffusion  # noqa: E402
+
+_register("energyflow.objectives", _diffusion.LinearDiffusion)
+_register("energyflow.tasks", tasks.ImageDenoisingTask, tasks.DiffusionDenoisingTask)
 
 # ---------------------------------------------------------------------- H-Net backbone and its tasks
 from architectures import hnet as _hnet, hnet_ebt as _hnet_ebt  # noqa: E402

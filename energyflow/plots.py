@@ -84,3 +84,42 @@ def energy_vs_step(path: PathLike, energy: Mapping[int, Sequence[float]], *,
     x = list(range(lengths.pop()))
     series = {f"{n} sample{'s' if n > 1 else ''}": list(values) for n, values in energy.items()}
     return line_plot(path, x, series, xlabel="step", ylabel="mean energy", title=title)
+
+
+def image_grid(path: PathLike, columns: Mapping[str, "object"], *, title: str = "",
+               reference: Optional[str] = "clean") -> Path:
+    """A grid of images: one column per entry of ``columns`` (title -> tensor ``[rows, C, H, W]`` in [-1, 1]),
+    one row per image; every cell but the ``reference`` column's is labelled with its PSNR against it (dB, on
+    [0, 1] images)."""
+    import torch
+
+    tensors = {name: values.detach().double().cpu() for name, values in columns.items()}
+    rows = {values.shape[0] for values in tensors.values()}
+    if len(rows) != 1 or not rows or 0 in rows:
+        raise ValueError(f"every column needs the same, non-zero number of images, got {sorted(rows)}")
+    count = rows.pop()
+    plt = _pyplot()
+    figure, axes = plt.subplots(count, len(tensors), figsize=(1.6 * len(tensors), 1.7 * count + 0.4), dpi=120,
+                                squeeze=False)
+    clean = tensors.get(reference) if reference is not None else None
+    for j, (name, values) in enumerate(tensors.items()):
+        unit = ((values + 1.0) / 2.0).clamp(0.0, 1.0)
+        for i in range(count):
+            ax = axes[i][j]
+            picture = unit[i].permute(1, 2, 0).numpy()
+            if picture.shape[-1] == 1:
+                ax.imshow(picture[..., 0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            else:
+                ax.imshow(picture, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=7)
+            if clean is not None and name != reference:
+                target = ((clean[i] + 1.0) / 2.0).clamp(0.0, 1.0)
+                mse = float(torch.mean((unit[i] - target) ** 2))
+                ax.set_xlabel(f"{10.0 * torch.log10(torch.tensor(1.0 / max(mse, 1e-10))):.1f} dB", fontsize=6)
+    if title:
+        figure.suptitle(title, fontsize=8)
+    figure.tight_layout()
+    return _save(figure, plt, path)

@@ -187,6 +187,18 @@ class Sampler(nn.Module):
     def _adapted(self, tuning: Any, y0: Tensor) -> dict[str, Tensor]:
         return {}
 
+    def tie_step_size(self, source: "Sampler") -> None:
+        """Step with ``source``'s learnable step size from now on: the very same ``Parameter`` (one value, trained
+        once, read by both; e.g. an evaluation sampler following the training one), and its floor
+        (``min_step_size``) if this sampler has none of its own."""
+        shared = getattr(source, "step_size", None)
+        if not isinstance(shared, nn.Parameter) or not hasattr(self, "step_size"):
+            raise ValueError(f"tie_step_size shares a learnable step size: {type(source).__name__}'s is not an "
+                             f"nn.Parameter (learnable=False), or {type(self).__name__} has no step_size")
+        self.step_size = shared  # nn.Module moves the name from the buffers to the parameters
+        if getattr(self, "min_step_size", 0) is None:
+            self.min_step_size = getattr(source, "min_step_size", None)
+
     def forward(self, *args: Any, **kwargs: Any) -> Trajectory:
         """``sampler(energy_fn, y0, ...)`` is ``run``; this also lets ``torch.func.functional_call`` swap in a
         step-size tensor (e.g. to gradcheck through it)."""

@@ -126,6 +126,14 @@ class GradientDescent(Sampler):
         value = self.step_size if like is None else as_step_size(self.step_size, like)
         return value if self.min_step_size is None else value.clamp(min=self.min_step_size)
 
+    def floor_step_size(self, min_step_size: float) -> None:
+        """Set the floor ``min_step_size`` unless this sampler already has one (for configurations that name
+        the floor elsewhere, e.g. runs recorded before the sampler had one)."""
+        if not min_step_size > 0:
+            raise ValueError(f"min_step_size must be > 0, got {min_step_size}")
+        if self.min_step_size is None:
+            self.min_step_size = float(min_step_size)
+
     def _begin(self, y0: Tensor, warmup: int) -> None:
         check_positive(self.operative_step_size(y0), "GradientDescent step_size")
 

@@ -28,6 +28,7 @@ from energyflow.inference.optimize import ThinkingConfig
 from energyflow.inference.text import thinking_config
 from energyflow.models import TextEBM
 from energyflow.objectives.components import resolve_num_steps
+from energyflow.tasks.image import DiffusionDenoisingTask, ImageDenoisingTask
 
 Handler = Callable[[argparse.Namespace, Console], int]
 
@@ -93,15 +94,22 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
 def _add_think(commands: argparse._SubParsersAction) -> None:
     think = commands.add_parser("think", help="measure thinking: loss vs steps and samples", description=(
         "Loss of an EBT run after 1, 2, 4, ... thinking steps and with 1, 4, ... self-verification samples, "
-        "against a Transformer++ run on the same text; prints a table and writes PNG plots and think.json."))
+        "against a Transformer++ run on the same text; prints a table and writes PNG plots and think.json. On an "
+        "image EBT: PSNR vs steps and samples at its noise levels, the energy as uncertainty, a DiT run as "
+        "--baseline, and PNG grids (clean / noisy / EBT steps / DiT)."))
     think.add_argument("run_dir", help="an EBT run directory")
     think.add_argument("--steps", type=_counts, default=[1, 2, 4, 8, 16], help="thinking steps (default 1,2,4,8,16)")
     think.add_argument("--samples", type=_counts, default=[1, 4, 16], help="candidates per input (default 1,4,16)")
-    think.add_argument("--baseline", help="a Transformer++ run directory: its loss is the reference line")
+    think.add_argument("--baseline", help="a Transformer++ run directory (a DiT run for an image EBT): the "
+                       "reference line")
     think.add_argument("--data", nargs="+", help="text files to evaluate on (default: the run's validation split)")
     think.add_argument("--batches", type=int, default=2, help="number of batches of windows (default 2)")
     think.add_argument("--batch-size", type=int, default=4, help="windows per batch (default 4)")
     think.add_argument("--out", help="where plots and think.json go (default RUN_DIR/think)")
+    think.add_argument("--images", type=int, default=64, help="image EBT: held-out images to think on (default 64)")
+    think.add_argument("--show", type=int, default=6, help="image EBT: images in the PNG grids (default 6)")
+    think.add_argument("--jitter", type=float, default=0.05, help="image EBT: sd of the re-drawn starts of "
+                       "samples 2..N around the noisy image (default 0.05)")
     _add_thinking_options(think)
     think.set_defaults(handler=_reporting_errors(run_think))
 
@@ -221,6 +229,8 @@ def _windows(args: argparse.Namespace, validation: list[Tensor]) -> list[Tensor]
 def run_think(args: argparse.Namespace, console: Console) -> int:
     result, _, _ = load_run(args.run_dir, device=args.device)
     task = result.task.eval()
+    if isinstance(task, ImageDenoisingTask):
+        return run_think_images(args, console, result)
     if not isinstance(task.model, TextEBM):
         raise ValueError(f"{args.run_dir} is not an EBT run (its model is {type(task.model).__name__}); "
                          "`think` needs an EBT, pass the Transformer++ run as --baseline")
@@ -246,6 +256,68 @@ def run_think(args: argparse.Namespace, console: Console) -> int:
     for path in write_sweep(sweep, out):
         console.print(f"[dim]wrote {path}[/]")
     return 0
+
+
+def run_think_images(args: argparse.Namespace, console: Console, result) -> int:
+    """``think`` on an image EBT: PSNR vs steps and samples at each evaluation noise level, the energy as
+    uncertainty, a DiT run (``--baseline``) as the reference; PNG grids and plots."""
+    from energyflow.data.images import ImageData
+    from energyflow.inference.images import image_thinking, write_image_thinking
+
+    if args.data:
+        raise ValueError("--data reads text files; an image EBT thinks on its run's held-out images (train on your "
+                         "own folder with image_folder, see docs/images.md)")
+    if args.noise or args.accept_if_lower or args.energy_tolerance is not None or args.grad_tolerance is not None:
+        raise ValueError("--noise, --accept-if-lower and the tolerances apply to text thinking; an image EBT takes "
+                         "--steps, --samples, --jitter, --step-size, --images and --show")
+    if args.images < 1 or args.show < 0:
+        raise ValueError(f"--images must be >= 1 and --show >= 0, got {args.images} and {args.show}")
+    task = result.task
+    validation = torch.cat([result.data.to_batch(raw, result.device)[ImageData.batch_key]
+                            for raw in result.validation_windows])
+    clean = validation[torch.linspace(0, len(validation) - 1, min(args.images, len(validation))).long()]
+    baseline = None
+    if args.baseline:
+        loaded, _, _ = load_run(args.baseline, device=args.device)
+        baseline = loaded.task.eval()
+        if not isinstance(baseline, DiffusionDenoisingTask):
+            raise ValueError(f"--baseline {args.baseline} is not a DiT run (its task is {type(baseline).__name__}); "
+                             "give the run trained with DiffusionDenoisingTask")
+    thinking, pictures = image_thinking(task, clean, steps=args.steps, samples=args.samples, jitter=args.jitter,
+                                        seed=args.seed, step_size=args.step_size, baseline=baseline,
+                                        show=min(args.show, len(clean)))
+    console.print(image_think_table(thinking))
+    for level in thinking.levels:
+        name = f"{level:g}"
+        console.print(f"noise level {name}: Spearman correlation of final energy and MSE over {thinking.num_images} "
+                      f"images {thinking.uncertainty[name]:+.3f} (energy as uncertainty: positive = higher energy, "
+                      "worse denoising)")
+    out = Path(args.out) if args.out else Path(args.run_dir) / "think"
+    for path in write_image_thinking(thinking, pictures, out):
+        console.print(f"[dim]wrote {path}[/]")
+    return 0
+
+
+def image_think_table(thinking) -> Table:
+    """PSNR (dB) after 0 (the start), 1, 2, ... steps, one row per (noise level, samples); then the DiT's PSNR per
+    number of DDIM passes, if a baseline was given, one row per noise level."""
+    table = Table(title=f"thinking on images: PSNR (dB) of {thinking.num_images} held-out images vs descent steps")
+    table.add_column("noise level", justify="right")
+    table.add_column("samples", justify="right")
+    table.add_column("start", justify="right")
+    for k in thinking.steps:
+        table.add_column(f"{k} step{'s' if k > 1 else ''}", justify="right")
+    baseline_passes = sorted({p for values in thinking.baseline_psnr.values() for p in values})
+    for passes in baseline_passes:
+        table.add_column(f"DiT {passes} DDIM", justify="right")
+    for level in thinking.levels:
+        name = f"{level:g}"
+        dit = thinking.baseline_psnr.get(name, {})
+        for row, n in enumerate(thinking.samples):
+            values = thinking.psnr[name][n]
+            cells = [f"{dit[p]:.3f}" if row == 0 and p in dit else "" for p in baseline_passes]
+            table.add_row(name, str(n), f"{values[0]:.3f}", *(f"{values[k]:.3f}" for k in thinking.steps), *cells)
+    return table
 
 
 def sweep_table(sweep: SweepResult) -> Table:

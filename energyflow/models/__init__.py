@@ -18,6 +18,7 @@ state) and turned into an embedding through softmax then either a learned ``Line
 (``candidate_embedding="linear"``, the paper's choice) or the token-embedding matrix
 (``candidate_embedding="tied"``: the expected embedding under the distribution).
 Continuous: context and candidate vectors ``[B, S, F]`` projected to the model width.
+Images (``ImageEBM``): no context; the candidate is an image ``[B, C, H, W]`` and the energy ``[B]``.
 """
 from __future__ import annotations
 
@@ -33,12 +34,13 @@ from energyflow.models.conditioning import (
     conditioning_index,
     model_parametrization,
 )
+from energyflow.models.image import ImageEBM
 from energyflow.models.sequence import VectorSequenceEBM
 from energyflow.models.text import CandidateEmbedding, DistributionAdapter, TextEBM
 from energyflow.models.toy import GaussianEnergy
 
 __all__ = [
     "CandidateEmbedding", "DESCENT_SPACES", "DescentSpace", "DistributionAdapter", "GaussianEnergy",
-    "STEP_INDEX_MODES", "StepEnergy", "StepIndexMode", "TextEBM", "VectorSequenceEBM", "check_descent_space",
+    "ImageEBM", "STEP_INDEX_MODES", "StepEnergy", "StepIndexMode", "TextEBM", "VectorSequenceEBM", "check_descent_space",
     "check_step_index_mode", "conditioning_ebt", "conditioning_index", "model_parametrization",
 ]

@@ -5,9 +5,11 @@
 - :class:`ReplayBuffer` (``replay``): earlier final predictions as later initial states.
 - :class:`ContrastiveDivergence` (``contrastive_divergence``): persistent CD with any sampler.
 - :class:`DenoisingScoreMatching` (``score_matching``).
+- :class:`LinearDiffusion` (``diffusion``): the linear DDPM schedule, noise levels, DDIM (the image tasks).
 """
 from energyflow.objectives.components import (CrossEntropy, InputState, LinearLabelSmoothing, MeanSquaredError,
                                               RandomNoise, RandomNumSteps, SmoothL1, Zeros)
+from energyflow.objectives.diffusion import LinearDiffusion
 from energyflow.objectives.contrastive_divergence import ContrastiveDivergence, PersistentChains
 from energyflow.objectives.replay import ReplayBuffer
 from energyflow.objectives.score_matching import DenoisingScoreMatching
@@ -17,5 +19,5 @@ __all__ = [
     "CrossEntropy", "InputState", "LinearLabelSmoothing", "MeanSquaredError", "RandomNoise", "RandomNumSteps",
     "SmoothL1", "Zeros",
     "ContrastiveDivergence", "PersistentChains", "ReplayBuffer", "DenoisingScoreMatching", "ContrastiveTerm",
-    "EBTObjective", "ObjectiveOutput",
+    "EBTObjective", "LinearDiffusion", "ObjectiveOutput",
 ]

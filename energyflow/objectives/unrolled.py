@@ -127,9 +127,7 @@ class EBTObjective(nn.Module):
                              "loss; drop label_smoothing or use CrossEntropy")
         self.sampler = sampler
         if eval_sampler is not None and isinstance(getattr(sampler, "step_size", None), nn.Parameter):
-            eval_sampler.step_size = sampler.step_size  # shared Parameter: one value, trained once
-            if getattr(eval_sampler, "min_step_size", 0) is None:  # and the floor it trains under
-                eval_sampler.min_step_size = getattr(sampler, "min_step_size", None)
+            eval_sampler.tie_step_size(sampler)  # shared Parameter: one value, trained once (and its floor)
         self.eval_sampler = eval_sampler
         self.num_steps = num_steps
         self.initial_state = initial_state if initial_state is not None else RandomNoise(1.0)

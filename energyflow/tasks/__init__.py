@@ -5,8 +5,8 @@ sampler whose step size is a learnable ``nn.Parameter``). The trainer wraps the 
 ``DistributedDataParallel`` and calls it, so ``forward`` is ``loss``. Implement:
 
 ``loss(batch, *, step, generator) -> (loss, metrics)``
-    ``batch``: ``{"tokens": [B, S] int64, "targets": [B, S] int64}`` on the task's device (see
-    ``energyflow.data``). ``loss``: a scalar to minimize (the trainer scales it for gradient accumulation).
+    ``batch``: the data source's batch on the task's device (text: ``{"tokens": [B, S] int64, "targets":
+    [B, S] int64}``; images: ``{"images": [B, C, H, W]}``; vectors: ``{"data": [B, F]}``; see ``energyflow.data``). ``loss``: a scalar to minimize (the trainer scales it for gradient accumulation).
     ``metrics``: ``dict[str, Tensor]`` of detached scalar *means over the batch*; the trainer averages them
     over micro-batches and processes, logs every one to TensorBoard and checks them for NaN/Inf.
     ``step``: the 0-based optimizer step being taken (for warm-ups and schedules inside the task).
@@ -22,6 +22,9 @@ sampler whose step size is a learnable ``nn.Parameter``). The trainer wraps the 
 Class attributes and hooks (defaults below):
 
 - ``has_optimization_steps``: True when ``evaluate``'s ``num_steps`` changes the prediction.
+- ``evaluation_counts(requested)``: the ``num_steps`` values reports evaluate at (default: ``requested`` for
+  an iterative task, ``[None]`` otherwise; the image tasks add 0, the noisy input, and the DiT uses its own
+  DDIM pass counts); ``steps_label`` names them in tables (default ``"optimization steps"``).
 - ``table_metrics``: the validation metrics that tables and ``energyflow eval`` print, in order (default
   ``("loss",)``; the text tasks add ``"perplexity"``).
 - ``cross_entropy_metrics``: glob patterns naming metrics that are mean token cross-entropies in nats.
@@ -39,9 +42,10 @@ Class attributes and hooks (defaults below):
 from __future__ import annotations
 
 from energyflow.tasks.base import Metrics, Task, check_batch
+from energyflow.tasks.image import DiffusionDenoisingTask, ImageDenoisingTask
 from energyflow.tasks.hnet import HNetEBTLanguageModelTask, HNetLanguageModelTask, RoutingRecorder
 from energyflow.tasks.text import EBTLanguageModelTask, LanguageModelTask
 from energyflow.tasks.vectors import EnergyModelTask
 
-__all__ = ["EBTLanguageModelTask", "EnergyModelTask", "HNetEBTLanguageModelTask", "HNetLanguageModelTask",
+__all__ = ["DiffusionDenoisingTask", "EBTLanguageModelTask", "EnergyModelTask", "ImageDenoisingTask", "HNetEBTLanguageModelTask", "HNetLanguageModelTask",
            "LanguageModelTask", "Metrics", "RoutingRecorder", "Task", "check_batch"]

@@ -101,5 +101,5 @@ def hand_floor_to_samplers(objective: nn.Module, min_step_size: float) -> None:
     if not min_step_size > 0:
         raise ValueError(f"min_step_size must be > 0, got {min_step_size}")
     for sampler in (objective.sampler, getattr(objective, "eval_sampler", None)):
-        if sampler is not None and getattr(sampler, "min_step_size", 0) is None:
-            sampler.min_step_size = float(min_step_size)
+        if callable(getattr(sampler, "floor_step_size", None)):
+            sampler.floor_step_size(min_step_size)

@@ -124,7 +124,7 @@ def test_tables_print_the_metrics_each_task_reports():
     rows = {row[0]: row for row in ([cell.strip() for cell in line.split("│")[1:-1]] for line in text.splitlines()
                                     if line.startswith(("│ text", "│ image")))}
     assert rows["text"] == ["text", "-", "1.5000", "4.482", "-", "-"]
-    assert rows["image"] == ["image", "1", "0.2500", "-", "21.5000", "state"]
+    assert rows["image"] == ["image", "1", "0.2500", "-", "21.500", "state"]  # PSNR in dB, three decimals
 
 
 def test_a_configurable_refusing_its_setting_is_one_line_and_writes_nothing(tmp_path):

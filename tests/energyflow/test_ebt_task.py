@@ -95,7 +95,7 @@ def test_an_old_runs_task_floor_is_handed_to_its_samplers():
     torch.manual_seed(0)
     model = TextEBM(EBT(TransformerConfig(dim=32, num_layers=1, num_heads=2, max_seq_len=8)), 256)
     train_sampler, eval_sampler = GradientDescent(20.0, learnable=True), GradientDescent(20.0)
-    task = EBTLanguageModelTask(model, EBTObjective(train_sampler, eval_sampler=eval_sampler), min_step_size=2e-3)
+    EBTLanguageModelTask(model, EBTObjective(train_sampler, eval_sampler=eval_sampler), min_step_size=2e-3)
     assert train_sampler.min_step_size == eval_sampler.min_step_size == 2e-3
     floored = GradientDescent(20.0, learnable=True, min_step_size=0.5)  # a sampler's own floor wins
     EBTLanguageModelTask(model, EBTObjective(floored), min_step_size=2e-3)

@@ -76,3 +76,28 @@ def test_warmup_steps_are_not_kept():
     full = GradientDescent(0.1).run(quadratic, y0, num_steps=5)
     torch.testing.assert_close(trace.states, full.states[3:])
     assert trace.warmup_info["step_size"].shape == (3, 1)
+
+
+def test_the_step_size_floor_is_the_samplers_own():
+    """``min_step_size``: the step taken is max(step size, floor); the parameter itself is never edited, its
+    gradient flows while it is above the floor, and without a floor a non-positive step is refused."""
+    energy = lambda y: 0.5 * (y ** 2).sum(dim=1)  # noqa: E731  grad = y
+    y0 = torch.ones(2, 3)
+    sampler = GradientDescent(-1.0, learnable=True, min_step_size=0.1)
+    out = sampler.run(energy, y0, num_steps=1)
+    torch.testing.assert_close(out.final_state, 0.9 * y0)  # y - 0.1 * y
+    assert float(sampler.step_size.detach()) == -1.0
+    above = GradientDescent(0.5, learnable=True, min_step_size=0.1)
+    above.run(energy, y0, num_steps=1, differentiable=True).final_state.sum().backward()
+    assert float(above.step_size.grad) == pytest.approx(-6.0)  # d/da sum(y - a y) = -sum(y)
+    with pytest.raises(ValueError, match="step_size must be finite and positive"):
+        GradientDescent(-1.0).run(energy, y0, num_steps=1)
+    with pytest.raises(ValueError, match="min_step_size must be None or > 0"):
+        GradientDescent(1.0, min_step_size=0.0)
+    follower = GradientDescent(2.0)
+    follower.tie_step_size(sampler)  # one Parameter, and the floor it trains under
+    assert follower.step_size is sampler.step_size and follower.min_step_size == 0.1
+    follower.floor_step_size(0.5)
+    assert follower.min_step_size == 0.1  # a floor already set is kept
+    with pytest.raises(ValueError, match="learnable step size"):
+        GradientDescent(1.0).tie_step_size(GradientDescent(1.0))
