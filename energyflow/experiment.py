@@ -92,7 +92,7 @@ def compare(out_dir: Union[str, Path], runs: Sequence[str], eval_steps: Sequence
             json_path: Optional[Union[str, Path]] = None) -> dict[str, dict[Optional[int], dict[str, float]]]:
     """Train every run in ``runs`` inside its gin scope (``baseline/train.task = ...``) into
     ``out_dir/<run>``, then evaluate each (at each of ``eval_steps`` for iterative tasks) and print a table
-    (and, with ``json_path``, write its numbers there: ``write_metrics_json``)."""
+    and write its numbers as JSON (``write_metrics_json``) to ``json_path``, by default ``out_dir/compare.json``."""
     if not runs:
         raise ValueError("compare.runs is empty; name the gin scopes to train, e.g. ['baseline', 'ebt']")
     configured_train = gin.get_configurable("train")
@@ -105,8 +105,7 @@ def compare(out_dir: Union[str, Path], runs: Sequence[str], eval_steps: Sequence
         labels[name] = result.task.steps_label
     if int(os.environ.get("RANK", "0")) == 0:
         (console or Console()).print(comparison_table(results, details, metrics, labels))
-        if json_path is not None:
-            write_metrics_json(json_path, results, details)
+        write_metrics_json(json_path if json_path is not None else Path(out_dir) / "compare.json", results, details)
     return results
 
 

@@ -287,6 +287,8 @@ def run_think_images(args: argparse.Namespace, console: Console, result) -> int:
                                         seed=args.seed, step_size=args.step_size, baseline=baseline,
                                         show=min(args.show, len(clean)))
     console.print(image_think_table(thinking))
+    if thinking.baseline_psnr:
+        console.print(baseline_psnr_table(thinking))
     for level in thinking.levels:
         name = f"{level:g}"
         console.print(f"noise level {name}: Spearman correlation of final energy and MSE over {thinking.num_images} "
@@ -299,24 +301,31 @@ def run_think_images(args: argparse.Namespace, console: Console, result) -> int:
 
 
 def image_think_table(thinking) -> Table:
-    """PSNR (dB) after 0 (the start), 1, 2, ... steps, one row per (noise level, samples); then the DiT's PSNR per
-    number of DDIM passes, if a baseline was given, one row per noise level."""
+    """PSNR (dB) after 0 (the start), 1, 2, ... steps, one row per (noise level, samples)."""
     table = Table(title=f"thinking on images: PSNR (dB) of {thinking.num_images} held-out images vs descent steps")
     table.add_column("noise level", justify="right")
     table.add_column("samples", justify="right")
     table.add_column("start", justify="right")
     for k in thinking.steps:
         table.add_column(f"{k} step{'s' if k > 1 else ''}", justify="right")
-    baseline_passes = sorted({p for values in thinking.baseline_psnr.values() for p in values})
-    for passes in baseline_passes:
-        table.add_column(f"DiT {passes} DDIM", justify="right")
     for level in thinking.levels:
         name = f"{level:g}"
-        dit = thinking.baseline_psnr.get(name, {})
-        for row, n in enumerate(thinking.samples):
+        for n in thinking.samples:
             values = thinking.psnr[name][n]
-            cells = [f"{dit[p]:.3f}" if row == 0 and p in dit else "" for p in baseline_passes]
-            table.add_row(name, str(n), f"{values[0]:.3f}", *(f"{values[k]:.3f}" for k in thinking.steps), *cells)
+            table.add_row(name, str(n), f"{values[0]:.3f}", *(f"{values[k]:.3f}" for k in thinking.steps))
+    return table
+
+
+def baseline_psnr_table(thinking) -> Table:
+    """The DiT's PSNR (dB) on the same images and noise, one row per noise level, a column per DDIM pass count."""
+    passes = sorted({p for values in thinking.baseline_psnr.values() for p in values})
+    table = Table(title="DiT baseline: PSNR (dB) vs DDIM passes")
+    table.add_column("noise level", justify="right")
+    for count in passes:
+        table.add_column(str(count), justify="right")
+    for level in thinking.levels:
+        values = thinking.baseline_psnr.get(f"{level:g}", {})
+        table.add_row(f"{level:g}", *(f"{values[p]:.3f}" if p in values else "-" for p in passes))
     return table
 
 

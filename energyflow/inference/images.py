@@ -108,6 +108,7 @@ def image_thinking(task: ImageDenoisingTask, clean: Tensor, *, steps: Sequence[i
         if baseline is not None:
             out.baseline_psnr[name] = {}
             t_start = baseline.diffusion.timestep(level)
+            shown: dict[int, Tensor] = {}
             with torch.no_grad():
                 for passes in baseline.sampling_steps:
                     if passes > t_start + 1:
@@ -115,9 +116,10 @@ def image_thinking(task: ImageDenoisingTask, clean: Tensor, *, steps: Sequence[i
                     denoised = baseline.diffusion.ddim(baseline.model, noisy.to(next(baseline.parameters()).dtype),
                                                        t_start, passes, clip_denoised=baseline.clip_denoised)
                     out.baseline_psnr[name][passes] = float(unit_range_errors(denoised, clean)[1].mean())
-                    if show and name in pictures:
-                        pictures[name]["dit"] = denoised[:show]
-                        pictures[name]["dit_passes"] = torch.tensor(passes)
+                    shown[passes] = denoised[:show]
+            if show and name in pictures and shown:  # the grid shows the DiT at its best pass count
+                best = max(shown, key=lambda passes: out.baseline_psnr[name][passes])
+                pictures[name]["dit"], pictures[name]["dit_passes"] = shown[best], torch.tensor(best)
     return out, pictures
 
 
@@ -149,7 +151,8 @@ def write_image_thinking(result: ImageThinking, pictures: dict[str, dict[str, Te
 
 
 def _grid_columns(pictures: dict[str, Tensor], steps: Sequence[int]) -> dict[str, Tensor]:
-    """Column title -> ``[rows, C, H, W]`` in [-1, 1]: clean, noisy, the EBT after each step count, the DiT."""
+    """Column title -> ``[rows, C, H, W]`` in [-1, 1]: clean, noisy, the EBT after each step count, the DiT (at its
+    best number of DDIM passes on these images)."""
     columns = {"clean": pictures["clean"], "noisy": pictures["noisy"]}
     columns.update({f"EBT {k} step{'s' if k > 1 else ''}": pictures[f"ebt_{k}"] for k in steps})
     if "dit" in pictures:

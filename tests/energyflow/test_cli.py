@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 
 import gin
@@ -63,6 +64,10 @@ def test_eval_rebuilds_the_run_from_its_operative_config(debug_run):
     assert evaluate_steps(rebuilt, [1, 2]) == {None: result.validation}  # one row: the baseline ignores steps
     status, text = _run(["eval", str(out)])
     assert status == 0 and f"{result.validation['loss']:.4f}" in text and "(step 20)" in text
+    path = out.parent / "eval.json"  # --json: what it prints, every metric, for a one-shot text task too
+    status, _ = _run(["eval", str(out), "--json", str(path)])
+    (written,) = json.loads(path.read_text())["runs"].values()
+    assert status == 0 and written["steps"] == {"-": pytest.approx(result.validation)}
 
 
 def test_compare_trains_scoped_runs_and_prints_a_table(tmp_path, capsys):

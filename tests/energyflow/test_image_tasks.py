@@ -23,6 +23,7 @@ from energyflow.tasks.image import unit_range_errors
 from samplers import GradientDescent
 
 DEBUG = "experiments/image_denoising_debug.gin"
+pytest.importorskip("sklearn", reason="the images extra: pip install 'energyflow[images]'")
 
 
 def tiny_config(**overrides) -> BidirectionalConfig:
@@ -272,6 +273,9 @@ def test_the_debug_experiments_end_with_the_table_and_eval_json_round_trips(tmp_
     table = capsys.readouterr().out
     for column in ("forward_passes", "backward_passes", "mse@0.1", "psnr@0.1", "mse@0.2", "psnr@0.2"):
         assert column in table
+    compared = json.loads((out / "compare.json").read_text())["runs"]
+    assert sorted(compared) == ["dit", "ebt"] and sorted(compared["ebt"]["steps"], key=int) == (
+        ["0", "1", "2"] if "system2" not in recipe else ["0", "1", "3"])
     path = tmp_path / "ebt.json"
     assert main(["eval", str(out / "ebt"), "--max-steps", "2", "--json", str(path)]) == 0
     printed = capsys.readouterr().out
