@@ -6,14 +6,12 @@ import json
 import math
 import shutil
 
-import gin
 import pytest
 import torch
 from torch.func import functional_call
 
 from architectures import BidirectionalConfig, BidirectionalTransformer
 from energyflow.cli import main
-from energyflow.configurables import parse_recipe
 from energyflow.data import digits_images
 from energyflow.objectives.diffusion import LinearDiffusion
 from energyflow.models import ImageEBM
@@ -21,6 +19,7 @@ from energyflow.objectives import CrossEntropy, EBTObjective, InputState, Random
 from energyflow.tasks import DiffusionDenoisingTask, ImageDenoisingTask
 from energyflow.tasks.image import unit_range_errors
 from samplers import GradientDescent
+from test_vector_task import _train  # a recipe trained with bindings, gin cleared around it
 
 DEBUG = "experiments/image_denoising_debug.gin"
 pytest.importorskip("sklearn", reason="the images extra: pip install 'energyflow[images]'")
@@ -242,14 +241,6 @@ def test_both_tasks_validate_on_the_same_noise():
 
 
 # ------------------------------------------------------------------------------------------------ recipes
-def _train(recipe, out, bindings=()):
-    gin.clear_config()
-    parse_recipe(recipe, ["Trainer.progress = False", f"OUT_DIR = '{out}'", *bindings])
-    result = gin.get_configurable("launch")()
-    gin.clear_config()
-    return result
-
-
 @pytest.mark.parametrize("task", ["ImageDenoisingTask", "DiffusionDenoisingTask"])
 def test_each_image_task_trains_and_resumes_bit_exactly(tmp_path, task):
     bindings = ["launch.program = @train", f"train.task = @{task}", "NUM_STEPS = 6", "Trainer.checkpoint_every = 3",
