@@ -319,3 +319,31 @@ def test_thinking_with_one_sample_is_the_evaluated_descent():
     assert thinking.psnr_at(0.1, 1, 2) == pytest.approx(float(evaluated["psnr@0.1"]), rel=1e-5)
     assert thinking.psnr_at(0.2, 1, 0) == pytest.approx(float(task.evaluate({"images": clean}, num_steps=0)["psnr@0.2"]),
                                                         rel=1e-6)
+
+
+def test_every_stability_trick_of_the_text_objective_applies_to_images():
+    """The same EBTObjective and samplers components, on image states: no detach with truncation, randomized
+    step size and step count, Langevin noise, gradient and state clamps, the replay buffer; a learnable noise
+    scale gets its own learning-rate group. One training step each way, finite, the buffer filled."""
+    from energyflow.objectives import RandomNumSteps, ReplayBuffer
+    from samplers import ClampGradient, ClampState, LangevinNoise, RandomizedStepSize
+
+    torch.manual_seed(0)
+    model = ImageEBM(BidirectionalTransformer(tiny_config()))
+    perturb(model, scale=0.05)
+    sampler = GradientDescent(5.0, learnable=True, min_step_size=1e-4, schedule=RandomizedStepSize(2.0),
+                              transforms=[ClampGradient(1.0), LangevinNoise(0.01, learnable=True),
+                                          ClampState(-1.5, 1.5)])
+    objective = EBTObjective(sampler, eval_sampler=GradientDescent(5.0), num_steps=RandomNumSteps(2, 3),
+                             initial_state=InputState(), loss=SmoothL1(), detach_between_steps=False, truncate=1,
+                             loss_on_last_step_only=True, replay_buffer=ReplayBuffer(capacity=8, fraction=0.5))
+    task = ImageDenoisingTask(model, objective, noise_lr_multiplier=3.0)
+    assert task.lr_multipliers() == {"*step_size": 9000.0, "*transforms.*.scale": 3.0}
+    for step in range(3):
+        loss, metrics = task.loss({"images": images(4, seed=step)}, step=step, generator=torch.Generator().manual_seed(0))
+        loss.backward()
+        assert torch.isfinite(loss) and metrics["num_steps"] in (2.0, 3.0)
+    assert len(objective.replay_buffer) == 8 and float(metrics["replayed_fraction"]) == 0.5
+    assert objective.eval_sampler.step_size is sampler.step_size  # validation descends with the learned one
+    task.eval()
+    assert torch.isfinite(task.evaluate({"images": images(4)}, num_steps=3)["psnr@0.1"])
