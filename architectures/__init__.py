@@ -6,11 +6,11 @@ from architectures.hnet_ebt import HNetContextCache, HNetContextEBT
 from architectures.heads import LinearEnergyHead, LMHead, MeanPatchEnergyHead, QuadraticEnergyHead
 from architectures.layers import (RMSNorm, RotaryEmbedding, SelfAttention, SwiGLU, TransformerBlock, attention, attention_bias,
                                   attention_with_self, causal_mask)
-from architectures.transformer import PRESETS, KVCache, TransformerConfig, TransformerPP
+from architectures.transformer import PRESETS, ContinuousTransformerPP, KVCache, TransformerConfig, TransformerPP
 
 __all__ = [
     "BidirectionalConfig", "BidirectionalTransformer", "EBT", "ContextCache", "LinearEnergyHead", "LMHead",
     "MeanPatchEnergyHead", "QuadraticEnergyHead", "RMSNorm", "RotaryEmbedding", "SelfAttention", "SwiGLU",
     "TransformerBlock", "attention", "attention_bias", "attention_with_self", "causal_mask", "PRESETS", "KVCache",
-    "TransformerConfig", "TransformerPP", "HNet", "HNetConfig", "HNetLM", "HNetContextEBT", "HNetContextCache",
+    "TransformerConfig", "TransformerPP", "ContinuousTransformerPP", "HNet", "HNetConfig", "HNetLM", "HNetContextEBT", "HNetContextCache",
 ]

@@ -136,3 +136,22 @@ class TransformerPP(nn.Module):
             if cache is not None:
                 cache.store(index, kv)
         return self.head(x)
+
+
+class ContinuousTransformerPP(TransformerPP):
+    """The Transformer++ over continuous vectors (e.g. video frames): ``forward(x [B,S,F], cache=None) ->
+    [B,S,F]``, a linear input projection, the same causal stack and KV cache, and the head (RMSNorm + linear)
+    regressing ``F`` values per position instead of vocabulary logits."""
+
+    def __init__(self, config: TransformerConfig, feature_dim: int, *,
+                 attention_backend: Optional[AttentionBackend] = None) -> None:
+        super().__init__(config, feature_dim, attention_backend=attention_backend)
+        del self.embed  # no vocabulary: the input is projected
+        self.feature_dim = feature_dim
+        self.input_projection = nn.Linear(feature_dim, self.config.dim, bias=False)
+        init_linear(self.input_projection, self.config.init)
+
+    def forward(self, x: Tensor, cache: Optional[KVCache] = None) -> Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.feature_dim or not x.is_floating_point():
+            raise ValueError(f"x must be a float tensor [B, S, {self.feature_dim}], got {tuple(x.shape)} {x.dtype}")
+        return self.forward_embeddings(self.input_projection(x), cache)

@@ -23,7 +23,8 @@ def _register(module: str, *objects: Any) -> None:
 
 # ---------------------------------------------------------------------------------------------- data
 _register("energyflow.data", data.pydoc_corpus, data.text_files, data.hf_corpus, data.text_data, data.gaussian_data,
-          data.photo_patches, data.digits_images, data.image_folder, data.hf_images)
+          data.photo_patches, data.digits_images, data.image_folder, data.hf_images, data.moving_digits,
+          data.bouncing_shapes, data.npy_clips)
 
 # --------------------------------------------------------------------------------------------- tasks
 _register("energyflow.tasks", tasks.LanguageModelTask)
@@ -61,7 +62,7 @@ def bidirectional_preset(size: str, *, image_size: int, patch_size: int, in_chan
 _register("architectures", transformer_preset, bidirectional_preset, architectures.TransformerConfig, architectures.TransformerPP,
           architectures.EBT, architectures.LinearEnergyHead, architectures.QuadraticEnergyHead,
           architectures.MeanPatchEnergyHead, architectures.LMHead, architectures.BidirectionalConfig,
-          architectures.BidirectionalTransformer)
+          architectures.BidirectionalTransformer, architectures.ContinuousTransformerPP)
 
 # ------------------------------------------------------------------------------------------ samplers
 _register("samplers", samplers.GradientDescent, samplers.Langevin, samplers.MALA, samplers.HMC, samplers.NUTS)
@@ -93,6 +94,9 @@ from energyflow.objectives import diffusion as _diffusion  # noqa: E402
 
 _register("energyflow.objectives", _diffusion.LinearDiffusion)
 _register("energyflow.tasks", tasks.ImageDenoisingTask, tasks.DiffusionDenoisingTask)
+
+# ----------------------------------------------------------------- video: the EBT and the Transformer++
+_register("energyflow.tasks", tasks.NextFrameEBTTask, tasks.NextFrameRegressionTask)
 
 # ---------------------------------------------------------------------- H-Net backbone and its tasks
 from architectures import hnet as _hnet, hnet_ebt as _hnet_ebt  # noqa: E402

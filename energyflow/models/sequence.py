@@ -31,6 +31,16 @@ class VectorSequenceEBM(_StepConditioned):
             raise ValueError(f"context must be [B, S, {self.feature_dim}], got {tuple(context.shape)}")
         return self._encode_real(self.context_projection(context), step_index)
 
+    def extend(self, cache: ContextCache, frames: Tensor) -> ContextCache:
+        """Continue ``cache`` by ``frames [B, T, F]`` (only the new vectors run through the stack): an
+        autoregressive rollout appends each predicted frame without re-encoding the ones before it."""
+        if frames.dim() != 3 or frames.shape[-1] != self.feature_dim or frames.shape[0] != cache.batch_size:
+            raise ValueError(f"frames must be [B={cache.batch_size}, T, {self.feature_dim}] to extend the cache, got "
+                             f"{tuple(frames.shape)}")
+        if self.step_conditioning == "time_token":
+            raise ValueError("a time-token EBT's context depends on the step index; re-encode it per index instead")
+        return self.backbone.encode_context(self.context_projection(frames), cache=cache)
+
     def energy(self, context: Union[Tensor, ContextCache], candidate: Tensor,
                step_index: Optional[int] = None) -> Tensor:
         """``candidate [B, S, F]`` -> energies ``[B, S]`` (``step_index``: as ``TextEBM.energy``)."""

@@ -6,7 +6,7 @@ sampler whose step size is a learnable ``nn.Parameter``). The trainer wraps the 
 
 ``loss(batch, *, step, generator) -> (loss, metrics)``
     ``batch``: the data source's batch on the task's device (text: ``{"tokens": [B, S] int64, "targets":
-    [B, S] int64}``; images: ``{"images": [B, C, H, W]}``; vectors: ``{"data": [B, F]}``; see ``energyflow.data``). ``loss``: a scalar to minimize (the trainer scales it for gradient accumulation).
+    [B, S] int64}``; images: ``{"images": [B, C, H, W]}``; video: ``{"frames": [B, T, C, H, W]}``; vectors: ``{"data": [B, F]}``; see ``energyflow.data``). ``loss``: a scalar to minimize (the trainer scales it for gradient accumulation).
     ``metrics``: ``dict[str, Tensor]`` of detached scalar *means over the batch*; the trainer averages them
     over micro-batches and processes, logs every one to TensorBoard and checks them for NaN/Inf.
     ``step``: the 0-based optimizer step being taken (for warm-ups and schedules inside the task).
@@ -43,9 +43,11 @@ from __future__ import annotations
 
 from energyflow.tasks.base import Metrics, Task, check_batch
 from energyflow.tasks.image import DiffusionDenoisingTask, ImageDenoisingTask
+from energyflow.tasks.video import NextFrameEBTTask, NextFrameRegressionTask
 from energyflow.tasks.hnet import HNetEBTLanguageModelTask, HNetLanguageModelTask, RoutingRecorder
 from energyflow.tasks.text import EBTLanguageModelTask, LanguageModelTask
 from energyflow.tasks.vectors import EnergyModelTask
 
-__all__ = ["DiffusionDenoisingTask", "EBTLanguageModelTask", "EnergyModelTask", "ImageDenoisingTask", "HNetEBTLanguageModelTask", "HNetLanguageModelTask",
+__all__ = ["DiffusionDenoisingTask", "EBTLanguageModelTask", "EnergyModelTask", "ImageDenoisingTask",
+           "NextFrameEBTTask", "NextFrameRegressionTask", "HNetEBTLanguageModelTask", "HNetLanguageModelTask",
            "LanguageModelTask", "Metrics", "RoutingRecorder", "Task", "check_batch"]
