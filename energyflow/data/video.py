@@ -32,6 +32,8 @@ class VideoData(TensorData):
     """``train [N, T, C, H, W]`` and ``validation [M, T, C, H, W]`` clips in [-1, 1]; a batch is
     ``{"frames": [B, T, C, H, W]}``."""
 
+    validation_collisions: Optional[Tensor] = None  # [M, T] bool: two objects' ink overlaps in this frame
+    validation_bounces: Optional[Tensor] = None  # [M, T] bool: an object turned off a wall into this frame
     batch_key: ClassVar[str] = "frames"
     example_layout: ClassVar[str] = "[N, T, C, H, W]"
 
@@ -68,11 +70,28 @@ def trajectories(rng: np.random.Generator, count: int, frames: int, limit: np.nd
     return path
 
 
-def _paste(frame: np.ndarray, sprite: np.ndarray, corner: np.ndarray) -> None:
-    """Max-composite ``sprite [h, w]`` (intensity in [0, 1]) into ``frame [H, W]`` at the rounded ``corner``."""
-    row, col = (int(round(v)) for v in corner)
-    h, w = sprite.shape
-    np.maximum(frame[row:row + h, col:col + w], sprite, out=frame[row:row + h, col:col + w])
+def bounces(paths: list[np.ndarray]) -> np.ndarray:
+    """Per frame of one clip: whether an object's velocity reversed on the way into it (a bounce off a wall).
+    ``paths``: one ``[T, 2]`` corner track per object."""
+    frames = len(paths[0])
+    turned = np.zeros(frames, dtype=bool)
+    for path in paths:
+        step = np.diff(path, axis=0)  # [T-1, 2]: the move into frame t+1
+        if len(step) >= 2:
+            turned[2:] |= np.any(np.sign(step[1:]) * np.sign(step[:-1]) < 0, axis=1)
+    return turned
+
+
+def _render(frame: np.ndarray, sprites, corners) -> bool:
+    """Paste every sprite into ``frame`` (max-composite); True if two sprites' ink (> 0.25) overlaps: a collision,
+    one digit occluding the other."""
+    ink = np.zeros(frame.shape, dtype=np.int64)
+    for sprite, corner in zip(sprites, corners):
+        row, col = (int(round(v)) for v in corner)
+        h, w = sprite.shape
+        np.maximum(frame[row:row + h, col:col + w], sprite, out=frame[row:row + h, col:col + w])
+        ink[row:row + h, col:col + w] += sprite > 0.25
+    return bool((ink >= 2).any())
 
 
 def _digit_images(split: str, scale: int) -> np.ndarray:
@@ -109,19 +128,20 @@ def moving_digits(*, num_train: int = 2048, num_validation: int = 256, frames: i
     size = 8 * scale
     _check(canvas, size, frames, (num_train, num_validation), num_digits, speed)
     limit = np.array([canvas - size, canvas - size], dtype=np.float64)
-    splits = {}
+    splits, flags = {}, {}
     for split, count in (("train", num_train), ("validation", num_validation)):
         digits = _digit_images(split, scale)
         clips = np.zeros((count, frames, canvas, canvas))
+        collisions, turned = np.zeros((count, frames), dtype=bool), np.zeros((count, frames), dtype=bool)
         for index in range(count):
             rng = np.random.default_rng([seed, SPLIT_SEEDS[split], index])
             sprites = digits[rng.integers(0, len(digits), size=num_digits)]
             path = trajectories(rng, num_digits, frames, limit, speed)
             for t in range(frames):
-                for sprite, corner in zip(sprites, path[t]):
-                    _paste(clips[index, t], sprite, corner)
-        splits[split] = _to_clips(clips)
-    return VideoData(splits["train"], splits["validation"])
+                collisions[index, t] = _render(clips[index, t], sprites, path[t])
+            turned[index] = bounces([path[:, k] for k in range(num_digits)])
+        splits[split], flags[split] = _to_clips(clips), (torch.from_numpy(collisions), torch.from_numpy(turned))
+    return VideoData(splits["train"], splits["validation"], *flags["validation"])
 
 
 def bouncing_shapes(*, num_train: int = 2048, num_validation: int = 256, frames: int = 16, canvas: int = 32,
@@ -132,9 +152,10 @@ def bouncing_shapes(*, num_train: int = 2048, num_validation: int = 256, frames:
     if not 1 <= min_size <= max_size:
         raise ValueError(f"bouncing_shapes needs 1 <= min_size <= max_size, got {min_size}, {max_size}")
     _check(canvas, max_size, frames, (num_train, num_validation), num_shapes, speed)
-    splits = {}
+    splits, flags = {}, {}
     for split, count in (("train", num_train), ("validation", num_validation)):
         clips = np.zeros((count, frames, canvas, canvas))
+        collisions, turned = np.zeros((count, frames), dtype=bool), np.zeros((count, frames), dtype=bool)
         for index in range(count):
             rng = np.random.default_rng([seed, SPLIT_SEEDS[split], index, 7])
             sizes = rng.integers(min_size, max_size + 1, size=num_shapes)
@@ -150,10 +171,10 @@ def bouncing_shapes(*, num_train: int = 2048, num_validation: int = 256, frames:
             paths = [trajectories(rng, 1, frames, np.array([canvas - s, canvas - s], dtype=np.float64), speed)
                      for s in sizes]
             for t in range(frames):
-                for sprite, path in zip(sprites, paths):
-                    _paste(clips[index, t], sprite, path[t, 0])
-        splits[split] = _to_clips(clips)
-    return VideoData(splits["train"], splits["validation"])
+                collisions[index, t] = _render(clips[index, t], sprites, [path[t, 0] for path in paths])
+            turned[index] = bounces([path[:, 0] for path in paths])
+        splits[split], flags[split] = _to_clips(clips), (torch.from_numpy(collisions), torch.from_numpy(turned))
+    return VideoData(splits["train"], splits["validation"], *flags["validation"])
 
 
 def _read_clips(path: Union[str, Path]) -> Tensor:

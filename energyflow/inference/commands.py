@@ -29,6 +29,7 @@ from energyflow.inference.text import thinking_config
 from energyflow.models import TextEBM
 from energyflow.objectives.components import resolve_num_steps
 from energyflow.tasks.image import DiffusionDenoisingTask, ImageDenoisingTask
+from energyflow.tasks.video import NextFrameEBTTask, NextFrameRegressionTask
 
 Handler = Callable[[argparse.Namespace, Console], int]
 
@@ -96,7 +97,8 @@ def _add_think(commands: argparse._SubParsersAction) -> None:
         "Loss of an EBT run after 1, 2, 4, ... thinking steps and with 1, 4, ... self-verification samples, "
         "against a Transformer++ run on the same text; prints a table and writes PNG plots and think.json. On an "
         "image EBT: PSNR vs steps and samples at its noise levels, the energy as uncertainty, a DiT run as "
-        "--baseline, and PNG grids (clean / noisy / EBT steps / DiT)."))
+        "--baseline, and PNG grids (clean / noisy / EBT steps / DiT). On a video EBT: rollout PSNR per horizon, energy "
+        "vs error and on collisions and bounces, a Transformer++ run as --baseline, a strip PNG and a GIF."))
     think.add_argument("run_dir", help="an EBT run directory")
     think.add_argument("--steps", type=_counts, default=[1, 2, 4, 8, 16], help="thinking steps (default 1,2,4,8,16)")
     think.add_argument("--samples", type=_counts, default=[1, 4, 16], help="candidates per input (default 1,4,16)")
@@ -106,10 +108,12 @@ def _add_think(commands: argparse._SubParsersAction) -> None:
     think.add_argument("--batches", type=int, default=2, help="number of batches of windows (default 2)")
     think.add_argument("--batch-size", type=int, default=4, help="windows per batch (default 4)")
     think.add_argument("--out", help="where plots and think.json go (default RUN_DIR/think)")
-    think.add_argument("--images", type=int, default=64, help="image EBT: held-out images to think on (default 64)")
-    think.add_argument("--show", type=int, default=6, help="image EBT: images in the PNG grids (default 6)")
-    think.add_argument("--jitter", type=float, default=0.05, help="image EBT: sd of the re-drawn starts of "
-                       "samples 2..N around the noisy image (default 0.05)")
+    think.add_argument("--images", type=int, default=64, help="image/video EBT: held-out images (clips) to think "
+                       "on (default 64)")
+    think.add_argument("--show", type=int, default=6, help="image/video EBT: images (clips) drawn in the PNGs "
+                       "(default 6)")
+    think.add_argument("--jitter", type=float, default=0.05, help="image/video EBT: sd of the re-drawn starts of "
+                       "samples 2..N around the noisy image or the copied frame (default 0.05)")
     _add_thinking_options(think)
     think.set_defaults(handler=_reporting_errors(run_think))
 
@@ -231,6 +235,8 @@ def run_think(args: argparse.Namespace, console: Console) -> int:
     task = result.task.eval()
     if isinstance(task, ImageDenoisingTask):
         return run_think_images(args, console, result)
+    if isinstance(task, NextFrameEBTTask):
+        return run_think_video(args, console, result)
     if not isinstance(task.model, TextEBM):
         raise ValueError(f"{args.run_dir} is not an EBT run (its model is {type(task.model).__name__}); "
                          "`think` needs an EBT, pass the Transformer++ run as --baseline")
@@ -264,14 +270,7 @@ def run_think_images(args: argparse.Namespace, console: Console, result) -> int:
     from energyflow.data.images import ImageData
     from energyflow.inference.images import image_thinking, write_image_thinking
 
-    if args.data:
-        raise ValueError("--data reads text files; an image EBT thinks on its run's held-out images (train on your "
-                         "own folder with image_folder, see docs/images.md)")
-    if args.noise or args.accept_if_lower or args.energy_tolerance is not None or args.grad_tolerance is not None:
-        raise ValueError("--noise, --accept-if-lower and the tolerances apply to text thinking; an image EBT takes "
-                         "--steps, --samples, --jitter, --step-size, --images and --show")
-    if args.images < 1 or args.show < 0:
-        raise ValueError(f"--images must be >= 1 and --show >= 0, got {args.images} and {args.show}")
+    _check_continuous_options(args, "image")
     task = result.task
     validation = torch.cat([result.data.to_batch(raw, result.device)[ImageData.batch_key]
                             for raw in result.validation_windows])
@@ -298,6 +297,66 @@ def run_think_images(args: argparse.Namespace, console: Console, result) -> int:
     for path in write_image_thinking(thinking, pictures, out):
         console.print(f"[dim]wrote {path}[/]")
     return 0
+
+
+def _check_continuous_options(args: argparse.Namespace, what: str) -> None:
+    if args.data:
+        raise ValueError(f"--data reads text files; a {what} EBT thinks on its run's held-out data")
+    if args.noise or args.accept_if_lower or args.energy_tolerance is not None or args.grad_tolerance is not None:
+        raise ValueError(f"--noise, --accept-if-lower and the tolerances apply to text thinking; a {what} EBT takes "
+                         "--steps, --samples, --jitter, --step-size, --images and --show")
+    if args.images < 1 or args.show < 0:
+        raise ValueError(f"--images must be >= 1 and --show >= 0, got {args.images} and {args.show}")
+
+
+def run_think_video(args: argparse.Namespace, console: Console, result) -> int:
+    """``think`` on a video EBT: rollout PSNR per horizon vs steps and samples, energy vs error and on collisions
+    and bounces, a Transformer++ run (``--baseline``) as the reference; a strip image and a GIF."""
+    from energyflow.inference.video import video_thinking, write_video_thinking
+
+    _check_continuous_options(args, "video")
+    data, task = result.data, result.task
+    index = torch.linspace(0, len(data.validation) - 1, min(args.images, len(data.validation))).long()
+    pick = lambda flags: None if flags is None else flags[index]  # noqa: E731
+    baseline = None
+    if args.baseline:
+        loaded, _, _ = load_run(args.baseline, device=args.device)
+        baseline = loaded.task.eval()
+        if not isinstance(baseline, NextFrameRegressionTask):
+            raise ValueError(f"--baseline {args.baseline} is not a Transformer++ video run (its task is "
+                             f"{type(baseline).__name__}); give the run trained with NextFrameRegressionTask")
+    thinking, drawn = video_thinking(task, data.validation[index].to(result.device), steps=args.steps,
+                                     samples=args.samples, jitter=args.jitter, seed=args.seed,
+                                     step_size=args.step_size, baseline=baseline,
+                                     collisions=pick(data.validation_collisions), bounces=pick(data.validation_bounces))
+    console.print(video_think_table(thinking))
+    for k in thinking.steps:
+        by_event = ", ".join(f"{name} {value:.4f}" for name, value in thinking.energy_events.get(k, {}).items()
+                             if value is not None)
+        console.print(f"{k} step{'s' if k > 1 else ''}: Spearman(energy, MSE) over rolled-out frames "
+                      f"{thinking.spearman[k]:+.3f}" + (f"; mean energy by true frame: {by_event}" if by_event else ""))
+    out = Path(args.out) if args.out else Path(args.run_dir) / "think"
+    for path in write_video_thinking(thinking, drawn, out, show=args.show):
+        console.print(f"[dim]wrote {path}[/]")
+    return 0
+
+
+def video_think_table(thinking) -> Table:
+    """Rollout PSNR (dB) per horizon, one row per (steps, samples), then copy-last and the Transformer++."""
+    table = Table(title=f"thinking on video: rollout PSNR (dB) of {thinking.num_clips} held-out clips from "
+                        f"{thinking.context_frames} context frames")
+    table.add_column("predictor")
+    table.add_column("samples", justify="right")
+    horizons = range(1, thinking.rollout_frames + 1)
+    for h in horizons:
+        table.add_column(f"+{h}", justify="right")
+    for k in thinking.steps:
+        for n in thinking.samples:
+            table.add_row(f"EBT {k} step{'s' if k > 1 else ''}", str(n), *(f"{v:.3f}" for v in thinking.psnr[k][n]))
+    table.add_row("copy last frame", "-", *(f"{v:.3f}" for v in thinking.copy_psnr))
+    if thinking.baseline_psnr is not None:
+        table.add_row("Transformer++", "-", *(f"{v:.3f}" for v in thinking.baseline_psnr))
+    return table
 
 
 def image_think_table(thinking) -> Table:

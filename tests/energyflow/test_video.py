@@ -11,7 +11,7 @@ from torch.func import functional_call
 
 from architectures import EBT, ContinuousTransformerPP, KVCache, TransformerConfig
 from energyflow.cli import main
-from energyflow.data.video import (_digit_images, bounce, bouncing_shapes, moving_digits, npy_clips,
+from energyflow.data.video import (_digit_images, bounce, bounces, bouncing_shapes, moving_digits, npy_clips,
                                    trajectories)
 from energyflow.models import VectorSequenceEBM
 from energyflow.objectives import EBTObjective, InputState, SmoothL1
@@ -77,6 +77,11 @@ def test_the_walls_reflect_the_position_and_reverse_the_velocity():
     np.testing.assert_allclose(velocity, [[1.0, 1.0]])  # no wall, no change
     path = trajectories(np.random.default_rng(0), 3, 200, np.array([12.0, 12.0]), 2.5)
     assert path.min() >= 0.0 and path.max() <= 12.0
+    # the event flags: a bounce marks the frame the reversed move lands in; one object never collides
+    assert bounces([np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [1.0, 0.0]])]).tolist() == [False, False, False, True]
+    single = moving_digits(num_train=2, num_validation=4, frames=20, canvas=20, num_digits=1, scale=1, speed=3.0)
+    assert not single.validation_collisions.any() and single.validation_bounces.any()
+    assert single.validation_collisions.shape == single.validation_bounces.shape == (4, 20)
 
 
 def test_npy_clips_read_the_files_a_user_has(tmp_path):
@@ -234,3 +239,33 @@ def test_the_debug_experiments_end_with_the_horizon_table(tmp_path, recipe, caps
     assert main(["eval", str(out / "ebt"), "--max-steps", "2", "--json", str(path)]) == 0
     steps = next(iter(json.loads(path.read_text())["runs"].values()))["steps"]
     assert list(steps) == ["0", "linear", "1", "2"] and steps["0"] == pytest.approx(compared["ebt"]["steps"]["0"])
+    if "system2" in recipe:
+        return
+    think = tmp_path / "think"
+    assert main(["think", str(out / "ebt"), "--baseline", str(out / "transformer"), "--steps", "1,2", "--samples",
+                 "1,3", "--images", "6", "--show", "2", "--out", str(think)]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "Spearman(energy, MSE)" in printed and "copy last frame" in printed and "bounce" in printed
+    for name in ("think.json", "psnr_vs_horizon.png", "strip.png", "rollout.gif"):
+        assert (think / name).stat().st_size > 0
+    numbers = json.loads((think / "think.json").read_text())
+    assert numbers["num_clips"] == 6 and len(numbers["psnr"]["2"]["3"]) == 3 and len(numbers["baseline_psnr"]) == 3
+    from PIL import Image
+
+    with Image.open(think / "rollout.gif") as gif:
+        assert gif.n_frames == 4 + 3  # context and rollout frames, one GIF frame each
+    assert main(["think", str(out / "ebt"), "--baseline", str(out / "ebt")]) == 1
+    assert "is not a Transformer++ video run" in " ".join(capsys.readouterr().out.split())
+
+
+def test_thinking_on_video_with_one_sample_is_the_evaluated_rollout():
+    """``think`` rolls out exactly as validation does: the same PSNR per horizon at the same step count."""
+    from energyflow.inference.video import video_thinking
+
+    task = tiny_ebt(feature_dim=4, context_frames=3, rollout_frames=2)
+    task.eval()
+    clips = torch.rand(3, 5, 1, 2, 2) * 2 - 1
+    thinking, drawn = video_thinking(task, clips, steps=[2], samples=[1])
+    evaluated = task.evaluate({"frames": clips}, num_steps=2)
+    assert thinking.psnr[2][1] == pytest.approx([float(evaluated["psnr@1"]), float(evaluated["psnr@2"])], rel=1e-6)
+    assert drawn["ebt"].shape == (3, 5, 1, 2, 2) and torch.equal(drawn["ebt"][:, :3], clips[:, :3])
