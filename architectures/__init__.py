@@ -1,4 +1,5 @@
 """Backbones and energy heads for energy-based models (torch only; no gin, no trainer)."""
+from architectures.autoencoder import ConvAutoencoder
 from architectures.bidirectional import BidirectionalConfig, BidirectionalTransformer
 from architectures.ebt import EBT, ContextCache
 from architectures.hnet import HNet, HNetConfig, HNetLM
@@ -9,8 +10,9 @@ from architectures.layers import (RMSNorm, RotaryEmbedding, SelfAttention, SwiGL
 from architectures.transformer import PRESETS, ContinuousTransformerPP, KVCache, TransformerConfig, TransformerPP
 
 __all__ = [
-    "BidirectionalConfig", "BidirectionalTransformer", "EBT", "ContextCache", "LinearEnergyHead", "LMHead",
-    "MeanPatchEnergyHead", "QuadraticEnergyHead", "RMSNorm", "RotaryEmbedding", "SelfAttention", "SwiGLU",
+    "BidirectionalConfig", "BidirectionalTransformer", "ConvAutoencoder", "EBT", "ContextCache", "LinearEnergyHead",
+    "LMHead", "MeanPatchEnergyHead", "QuadraticEnergyHead", "RMSNorm", "RotaryEmbedding", "SelfAttention", "SwiGLU",
     "TransformerBlock", "attention", "attention_bias", "attention_with_self", "causal_mask", "PRESETS", "KVCache",
-    "TransformerConfig", "TransformerPP", "ContinuousTransformerPP", "HNet", "HNetConfig", "HNetLM", "HNetContextEBT", "HNetContextCache",
+    "TransformerConfig", "TransformerPP", "ContinuousTransformerPP", "HNet", "HNetConfig", "HNetLM", "HNetContextEBT",
+    "HNetContextCache",
 ]

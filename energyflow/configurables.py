@@ -96,7 +96,9 @@ _register("energyflow.objectives", _diffusion.LinearDiffusion)
 _register("energyflow.tasks", tasks.ImageDenoisingTask, tasks.DiffusionDenoisingTask)
 
 # ----------------------------------------------------------------- video: the EBT and the Transformer++
-_register("energyflow.tasks", tasks.NextFrameEBTTask, tasks.NextFrameRegressionTask)
+_register("energyflow.tasks", tasks.NextFrameEBTTask, tasks.NextFrameRegressionTask, tasks.AutoencoderTask)
+_register("architectures", architectures.ConvAutoencoder)
+_register("energyflow.models", _ebt_models.frozen_autoencoder, _ebt_models.run_path)
 
 # ---------------------------------------------------------------------- H-Net backbone and its tasks
 from architectures import hnet as _hnet, hnet_ebt as _hnet_ebt  # noqa: E402

@@ -63,10 +63,10 @@ def video_thinking(task: NextFrameEBTTask, clips: Tensor, *, steps: Sequence[int
     if clips.shape[1] < n + m:
         raise ValueError(f"clips of {clips.shape[1]} frames cannot hold {n} context and {m} rolled-out frames")
     dtype = next(task.parameters()).dtype
-    vectors = clips.flatten(2).to(dtype)
-    context, truth = vectors[:, :n], vectors[:, n:n + m]
+    vectors, pixels = task.to_work(clips), clips.flatten(2).to(dtype)  # the models' space (latents?) and pixels
+    context, truth = vectors[:, :n], pixels[:, n:n + m]
     out = VideoThinking(list(steps), list(samples), n, m, clips.shape[0], float(jitter))
-    out.copy_psnr = _per_horizon(context[:, -1:].expand(-1, m, -1), truth)[1]
+    out.copy_psnr = _per_horizon(pixels[:, n - 1:n].expand(-1, m, -1), truth)[1]
     drawn: dict[str, Tensor] = {"truth": clips[:, :n + m]}
     events = {"collision": collisions, "bounce": bounces}
     for k in steps:
@@ -76,6 +76,7 @@ def video_thinking(task: NextFrameEBTTask, clips: Tensor, *, steps: Sequence[int
             generator = torch.Generator(device=vectors.device).manual_seed(seed + 7919 * k + count)
             frames, energies = task.rollout(context, m, k, config=config, num_candidates=count, jitter=jitter,
                                             generator=generator)
+            frames = task.to_pixels(frames)
             mse, psnr, per_frame = _per_horizon(frames, truth)
             out.mse[k][count], out.psnr[k][count] = mse, psnr
             out.energy[k][count] = energies.double().mean(0).tolist()
@@ -85,8 +86,9 @@ def video_thinking(task: NextFrameEBTTask, clips: Tensor, *, steps: Sequence[int
                 if k == max(steps):
                     drawn["ebt"] = torch.cat((clips[:, :n], frames.view(-1, m, *clips.shape[2:]).to(clips.dtype)), 1)
     if baseline is not None:
-        rolled = baseline.rollout(context.to(next(baseline.parameters()).dtype), m)
-        out.baseline_psnr = _per_horizon(rolled.to(dtype), truth)[1]
+        base_context = baseline.to_work(clips)[:, :n]
+        rolled = baseline.to_pixels(baseline.rollout(base_context, m)).to(dtype)
+        out.baseline_psnr = _per_horizon(rolled, truth)[1]
         drawn["transformer"] = torch.cat((clips[:, :n], rolled.view(-1, m, *clips.shape[2:]).to(clips.dtype)), 1)
     return out, drawn
 

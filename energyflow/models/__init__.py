@@ -35,12 +35,14 @@ from energyflow.models.conditioning import (
     model_parametrization,
 )
 from energyflow.models.image import ImageEBM
+from energyflow.models.latent import FrozenAutoencoder, frozen_autoencoder, run_path
 from energyflow.models.sequence import VectorSequenceEBM
 from energyflow.models.text import CandidateEmbedding, DistributionAdapter, TextEBM
 from energyflow.models.toy import GaussianEnergy
 
 __all__ = [
-    "CandidateEmbedding", "DESCENT_SPACES", "DescentSpace", "DistributionAdapter", "GaussianEnergy",
-    "ImageEBM", "STEP_INDEX_MODES", "StepEnergy", "StepIndexMode", "TextEBM", "VectorSequenceEBM", "check_descent_space",
-    "check_step_index_mode", "conditioning_ebt", "conditioning_index", "model_parametrization",
+    "CandidateEmbedding", "DESCENT_SPACES", "DescentSpace", "DistributionAdapter", "FrozenAutoencoder",
+    "GaussianEnergy", "ImageEBM", "STEP_INDEX_MODES", "StepEnergy", "StepIndexMode", "TextEBM", "VectorSequenceEBM",
+    "check_descent_space", "check_step_index_mode", "conditioning_ebt", "conditioning_index", "frozen_autoencoder",
+    "model_parametrization", "run_path",
 ]

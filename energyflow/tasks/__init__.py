@@ -43,11 +43,11 @@ from __future__ import annotations
 
 from energyflow.tasks.base import Metrics, Task, check_batch
 from energyflow.tasks.image import DiffusionDenoisingTask, ImageDenoisingTask
-from energyflow.tasks.video import NextFrameEBTTask, NextFrameRegressionTask
+from energyflow.tasks.video import AutoencoderTask, NextFrameEBTTask, NextFrameRegressionTask
 from energyflow.tasks.hnet import HNetEBTLanguageModelTask, HNetLanguageModelTask, RoutingRecorder
 from energyflow.tasks.text import EBTLanguageModelTask, LanguageModelTask
 from energyflow.tasks.vectors import EnergyModelTask
 
 __all__ = ["DiffusionDenoisingTask", "EBTLanguageModelTask", "EnergyModelTask", "ImageDenoisingTask",
-           "NextFrameEBTTask", "NextFrameRegressionTask", "HNetEBTLanguageModelTask", "HNetLanguageModelTask",
+           "AutoencoderTask", "NextFrameEBTTask", "NextFrameRegressionTask", "HNetEBTLanguageModelTask", "HNetLanguageModelTask",
            "LanguageModelTask", "Metrics", "RoutingRecorder", "Task", "check_batch"]

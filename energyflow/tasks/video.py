@@ -43,12 +43,12 @@ def check_video_batch(batch: Batch) -> Tensor:
     return frames
 
 
-def frame_vectors(frames: Tensor, feature_dim: int) -> Tensor:
-    """``[B, T, C, H, W]`` -> ``[B, T, F]``, checked against the model's ``feature_dim``."""
-    vectors = frames.flatten(2)
+def check_features(vectors: Tensor, feature_dim: int, frame_shape: tuple[int, ...], latent: bool) -> Tensor:
     if vectors.shape[-1] != feature_dim:
-        raise ValueError(f"frames of {tuple(frames.shape[2:])} (C, H, W) are {vectors.shape[-1]} values but the model "
-                         f"takes {feature_dim}; set the model's FRAME_FEATURES to C * H * W of the data")
+        what = "latents of the autoencoder" if latent else "frames"
+        raise ValueError(f"{what} of {tuple(frame_shape)} (C, H, W) are {vectors.shape[-1]} values but the model "
+                         f"takes {feature_dim}; set the model's FRAME_FEATURES to C * H * W of the "
+                         + ("autoencoder's latents" if latent else "data"))
     return vectors
 
 
@@ -65,12 +65,16 @@ def spearman(x: Tensor, y: Tensor) -> Tensor:
 
 
 class _NextFrameTask(Task):
-    """The shared evaluation: teacher-forced errors, the rollout and its per-horizon errors."""
+    """The shared evaluation: teacher-forced errors, the rollout and its per-horizon errors. With a frozen
+    ``autoencoder`` (``energyflow.models.frozen_autoencoder``) the models read and predict its latents (the
+    paper's setting) and every error is measured on the decoded frames against the true pixels."""
 
     cross_entropy_metrics: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, *, context_frames: int, rollout_frames: int, eval_seed: int) -> None:
+    def __init__(self, *, context_frames: int, rollout_frames: int, eval_seed: int,
+                 autoencoder: Optional[nn.Module] = None) -> None:
         super().__init__()
+        self.autoencoder = autoencoder
         if context_frames < 2 or rollout_frames < 1:
             raise ValueError(f"context_frames must be >= 2 (linear extrapolation reads two) and rollout_frames >= 1, "
                              f"got {context_frames} and {rollout_frames}")
@@ -85,7 +89,32 @@ class _NextFrameTask(Task):
         return next(self.parameters()).dtype
 
     def _vectors(self, batch: Batch) -> Tensor:
-        return frame_vectors(check_video_batch(batch), self.feature_dim).to(self._dtype())
+        """The batch in the models' space: frame vectors, or the autoencoder's latents."""
+        return self.to_work(check_video_batch(batch))
+
+    def _spaces(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """(the models' vectors ``[B, T, F]``, the true pixels ``[B, T, C*H*W]``)."""
+        frames = check_video_batch(batch)
+        return self.to_work(frames), frames.flatten(2).to(self._dtype())
+
+    def to_work(self, frames: Tensor) -> Tensor:
+        """``[B, T, C, H, W]`` -> the models' vectors ``[B, T, F]`` (through the frozen encoder, if any)."""
+        frames = frames.to(self._dtype())
+        self.frame_shape = tuple(frames.shape[2:])
+        if self.autoencoder is None:
+            return check_features(frames.flatten(2), self.feature_dim, self.frame_shape, False)
+        latents = self.autoencoder.encode(frames.flatten(0, 1)).to(frames.dtype)
+        return check_features(latents.reshape(frames.shape[0], frames.shape[1], -1), self.feature_dim,
+                              self.frame_shape, True)
+
+    def to_pixels(self, vectors: Tensor) -> Tensor:
+        """The models' vectors ``[B, T, F]`` -> pixel vectors ``[B, T, C*H*W]`` (decoded, if latents)."""
+        if self.autoencoder is None:
+            return vectors
+        channels, height, width = self.frame_shape
+        latent = self.autoencoder.latent_shape(height, width)
+        decoded = self.autoencoder.decode(vectors.reshape(-1, *latent).to(next(self.autoencoder.parameters()).dtype))
+        return decoded.reshape(vectors.shape[0], vectors.shape[1], -1).to(vectors.dtype)
 
     def _check_length(self, vectors: Tensor) -> None:
         needed = self.context_frames + self.rollout_frames
@@ -133,14 +162,16 @@ class NextFrameEBTTask(_NextFrameTask):
     InputState()``) with a regression loss (``SmoothL1``); every trick of the text objective applies.
     ``step_size_lr_multiplier`` / ``noise_lr_multiplier``: as for text (the paper's video: 90 000 for a step
     size of 30 000). ``context_frames`` / ``rollout_frames``: the rollout of validation (see the module).
+    ``autoencoder``: a frozen one (``frozen_autoencoder(run_dir)``): the EBT descends its latents.
     """
 
     has_optimization_steps: ClassVar[bool] = True
 
     def __init__(self, model: VectorSequenceEBM, objective: EBTObjective, *, context_frames: int = 8,
                  rollout_frames: int = 4, step_size_lr_multiplier: float = 90000.0, noise_lr_multiplier: float = 1.0,
-                 eval_seed: int = 1234) -> None:
-        super().__init__(context_frames=context_frames, rollout_frames=rollout_frames, eval_seed=eval_seed)
+                 autoencoder: Optional[nn.Module] = None, eval_seed: int = 1234) -> None:
+        super().__init__(context_frames=context_frames, rollout_frames=rollout_frames, eval_seed=eval_seed,
+                         autoencoder=autoencoder)
         if not isinstance(model, VectorSequenceEBM):
             raise TypeError(f"NextFrameEBTTask needs a VectorSequenceEBM, got {type(model).__name__}")
         if objective.loss_fn.supports_label_smoothing:
@@ -165,18 +196,19 @@ class NextFrameEBTTask(_NextFrameTask):
         return resolve_num_steps(self.objective.num_steps, 0, training=False)
 
     def evaluate(self, batch: Batch, *, num_steps: StepCount = None) -> Metrics:
-        vectors = self._vectors(batch)
+        vectors, pixels = self._spaces(batch)
         self._check_length(vectors)
         if num_steps in (0, LINEAR):
-            return self._references(vectors, num_steps)
+            return self._references(pixels, num_steps)
         steps = self.default_steps() if num_steps is None else int(num_steps)
         generator = torch.Generator(device=vectors.device).manual_seed(self.eval_seed)
         out = self.objective(self.model, vectors[:, :-1], vectors[:, 1:], generator=generator, num_steps=steps)
         metrics = {name: value for name, value in out.metrics.items() if name != "replayed_fraction"}
-        metrics = {**metrics, "loss": metrics["final_loss"], **self._errors(out.final_state, vectors[:, 1:])}
+        metrics = {**metrics, "loss": metrics["final_loss"],
+                   **self._errors(self.to_pixels(out.final_state), pixels[:, 1:])}
         n, m = self.context_frames, self.rollout_frames
         rollout, energies = self.rollout(vectors[:, :n], m, steps)
-        truth = vectors[:, n:n + m]
+        rollout, truth = self.to_pixels(rollout), pixels[:, n:n + m]
         metrics.update(self._rollout_metrics(rollout, truth))
         per_frame_mse = unit_range_errors(rollout.flatten(0, 1), truth.flatten(0, 1))[0]
         metrics["energy_error_spearman"] = spearman(energies.flatten(), per_frame_mse)
@@ -232,8 +264,9 @@ class NextFrameRegressionTask(_NextFrameTask):
     (smooth-L1, the EBT's loss), rolled out with its KV cache."""
 
     def __init__(self, model: nn.Module, *, context_frames: int = 8, rollout_frames: int = 4,
-                 eval_seed: int = 1234) -> None:
-        super().__init__(context_frames=context_frames, rollout_frames=rollout_frames, eval_seed=eval_seed)
+                 autoencoder: Optional[nn.Module] = None, eval_seed: int = 1234) -> None:
+        super().__init__(context_frames=context_frames, rollout_frames=rollout_frames, eval_seed=eval_seed,
+                         autoencoder=autoencoder)
         if not hasattr(model, "feature_dim"):
             raise TypeError(f"NextFrameRegressionTask needs a model over frame vectors (ContinuousTransformerPP), got "
                             f"{type(model).__name__}")
@@ -252,15 +285,15 @@ class NextFrameRegressionTask(_NextFrameTask):
         return loss, {"loss": loss.detach()}
 
     def evaluate(self, batch: Batch, *, num_steps: StepCount = None) -> Metrics:
-        vectors = self._vectors(batch)
+        vectors, pixels = self._spaces(batch)
         self._check_length(vectors)
         with torch.no_grad():
             forced = self.model(vectors[:, :-1])
             loss = F.smooth_l1_loss(forced.double(), vectors[:, 1:].double(), beta=1.0)
             n, m = self.context_frames, self.rollout_frames
             rollout = self.rollout(vectors[:, :n], m)
-        return {"loss": loss, **self._errors(forced, vectors[:, 1:]),
-                **self._rollout_metrics(rollout, vectors[:, n:n + m])}
+        return {"loss": loss, **self._errors(self.to_pixels(forced), pixels[:, 1:]),
+                **self._rollout_metrics(self.to_pixels(rollout), pixels[:, n:n + m])}
 
     def rollout(self, context: Tensor, num_frames: int) -> Tensor:
         """``num_frames`` frames after ``context [B, n, F]``, each fed back through the KV cache."""
@@ -276,3 +309,39 @@ class NextFrameRegressionTask(_NextFrameTask):
         return torch.cat(frames, dim=1)
 
 
+
+
+class AutoencoderTask(Task):
+    """Trains an ``architectures.ConvAutoencoder`` to reconstruct frames (``{"frames": [B, T, C, H, W]}``, every
+    frame) or images (``{"images": [B, C, H, W]}``): MSE in [-1, 1]; validation reports the reconstruction's MSE
+    and PSNR on [0, 1]. A frozen copy (``energyflow.models.frozen_autoencoder(run_dir)``) then gives the video
+    models their latents."""
+
+    cross_entropy_metrics: ClassVar[tuple[str, ...]] = ()
+    table_metrics: ClassVar[tuple[str, ...]] = ("loss", "mse", "psnr")
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def _images(self, batch: Batch) -> Tensor:
+        if "frames" in batch:
+            images = check_video_batch(batch).flatten(0, 1)
+        elif "images" in batch:
+            images = batch["images"]
+        else:
+            raise ValueError(f"an autoencoder batch needs 'frames' [B, T, C, H, W] or 'images' [B, C, H, W]; got keys "
+                             f"{sorted(batch)}")
+        return images.to(next(self.parameters()).dtype)
+
+    def loss(self, batch: Batch, *, step: int, generator: torch.Generator) -> tuple[Tensor, Metrics]:
+        images = self._images(batch)
+        loss = F.mse_loss(self.model(images), images)
+        return loss, {"loss": loss.detach()}
+
+    def evaluate(self, batch: Batch, *, num_steps: StepCount = None) -> Metrics:
+        images = self._images(batch)
+        with torch.no_grad():
+            reconstruction = self.model(images)
+        mse, psnr = unit_range_errors(reconstruction, images)
+        return {"loss": F.mse_loss(reconstruction.double(), images.double()), "mse": mse.mean(), "psnr": psnr.mean()}

@@ -269,3 +269,44 @@ def test_thinking_on_video_with_one_sample_is_the_evaluated_rollout():
     evaluated = task.evaluate({"frames": clips}, num_steps=2)
     assert thinking.psnr[2][1] == pytest.approx([float(evaluated["psnr@1"]), float(evaluated["psnr@2"])], rel=1e-6)
     assert drawn["ebt"].shape == (3, 5, 1, 2, 2) and torch.equal(drawn["ebt"][:, :3], clips[:, :3])
+
+
+# ---------------------------------------------------------------------------------- latents: the autoencoder
+def test_a_frozen_autoencoder_is_rebuilt_from_its_run_alone_and_never_trains(tmp_path):
+    from architectures import ConvAutoencoder
+    from energyflow.models import frozen_autoencoder
+    from energyflow.optim import param_groups
+    from test_vector_task import _train
+
+    run = tmp_path / "autoencoder"
+    trained = _train("experiments/video_autoencoder_debug.gin", run)
+    assert {"loss", "mse", "psnr"} <= set(trained.validation)
+    frozen = frozen_autoencoder(run)
+    for (name, mine), (_, theirs) in zip(frozen.autoencoder.state_dict().items(),
+                                         trained.task.model.state_dict().items()):
+        assert (mine == theirs) if isinstance(mine, dict) else torch.equal(mine, theirs), name  # + its architecture
+    assert not any(p.requires_grad for p in frozen.parameters())
+    task = tiny_ebt(feature_dim=4 * 4 * 4, context_frames=3, rollout_frames=2)
+    latent_task = NextFrameEBTTask(task.model, task.objective, context_frames=3, rollout_frames=2,
+                                   autoencoder=frozen)
+    groups = param_groups(latent_task.named_parameters(), weight_decay=0.01, lr_multipliers={}, no_weight_decay=())
+    assert not any("autoencoder" in name for group in groups for name in group["param_names"])
+    clips = moving_digits(num_train=2, num_validation=2, frames=5, canvas=16, num_digits=1, scale=1).validation
+    latents = latent_task.to_work(clips)
+    assert latents.shape == (2, 5, 64)  # 4 channels x 4 x 4
+    decoded = latent_task.to_pixels(latents)
+    torch.testing.assert_close(decoded, frozen.decode(frozen.encode(clips.flatten(0, 1))).reshape(2, 5, -1))
+    metrics = latent_task.evaluate({"frames": clips}, num_steps=1)  # errors on decoded frames vs true pixels
+    copy = latent_task.evaluate({"frames": clips}, num_steps=0)  # references stay in pixel space
+    plain = tiny_ebt(feature_dim=256, context_frames=3, rollout_frames=2).evaluate({"frames": clips}, num_steps=0)
+    assert copy["psnr@1"] == plain["psnr@1"] and torch.isfinite(metrics["psnr@2"])
+    with pytest.raises(ValueError, match="latents of the autoencoder"):
+        NextFrameEBTTask(tiny_ebt(feature_dim=10).model, task.objective, autoencoder=frozen).to_work(clips)
+    with pytest.raises(FileNotFoundError, match="train the autoencoder first"):
+        frozen_autoencoder(tmp_path / "nowhere")
+    other = _train("experiments/next_frame_debug.gin", tmp_path / "video", ["launch.program = @train",
+                                                                           "train.task = @NextFrameRegressionTask"])
+    with pytest.raises(ValueError, match="not an autoencoder run"):
+        frozen_autoencoder(other.out_dir)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        ConvAutoencoder(1).encode(torch.zeros(1, 1, 6, 6))
