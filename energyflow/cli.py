@@ -46,7 +46,7 @@ def _train(args: argparse.Namespace, console: Console) -> int:
 
 
 def _eval(args: argparse.Namespace, console: Console) -> int:
-    result, _, step = load_run(args.run_dir, device=args.device)
+    result, _, step = load_run(args.run_dir, device=args.device, bindings=args.bind)
     counts = step_counts(args.max_steps)
     name = f"{Path(args.run_dir).name} (step {step})"
     results, details = {name: evaluate_steps(result, counts)}, {name: result.task.describe()}
@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir", help="a run directory written by `energyflow train`")
     evaluate.add_argument("--max-steps", type=int, default=8, help="largest number of optimization steps (default 8)")
     evaluate.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    evaluate.add_argument("--bind", action="append", default=[], metavar="BINDING",
+                          help="a gin binding applied after the run's operative config, e.g. --bind "
+                          "\"train.data = @bouncing_shapes()\" to validate on other data (repeatable)")
     evaluate.add_argument("--json", metavar="FILE", help="also write the metrics it prints to FILE as JSON: "
                           "{\"runs\": {run: {\"describe\": {...}, \"steps\": {\"1\": {metric: value}}}}}")
     evaluate.set_defaults(handler=_eval)

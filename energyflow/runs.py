@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Sequence, Union
 
 import gin
 
 from energyflow import checkpoint as ckpt
+from energyflow.config import RecipeError
 from energyflow.configurables import parse_text
 from energyflow.distributed import resolve_device
 from energyflow.trainer import DTYPES, RunResult, Trainer
@@ -26,11 +27,14 @@ def _query(selector: str, scope: str) -> Any:
     raise ValueError(f"the run's operative config binds no {selector!r}; it was not written by `train`")
 
 
-def load_run(run_dir: Union[str, Path], device: str = "auto") -> tuple[RunResult, Trainer, int]:
+def load_run(run_dir: Union[str, Path], device: str = "auto",
+             bindings: Sequence[str] = ()) -> tuple[RunResult, Trainer, int]:
     """Rebuild a finished run from its ``operative_config.gin`` and newest checkpoint.
 
     Returns the result (task with the checkpoint's weights, validation windows), its trainer settings, and
-    the checkpoint's step. Clears gin's config first.
+    the checkpoint's step. Clears gin's config first. ``bindings`` (gin lines) are applied after the operative
+    config, inside the run's scope too, e.g. ``"train.data = @bouncing_shapes()"`` to validate on other data;
+    the checkpoint must still fit the model they build.
     """
     run_dir = Path(run_dir)
     latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
@@ -42,6 +46,11 @@ def load_run(run_dir: Union[str, Path], device: str = "auto") -> tuple[RunResult
     gin.clear_config()
     parse_text(operative.read_text(), str(operative))
     scope = payload["scope"]
+    if bindings:
+        try:
+            gin.parse_config("\n".join(_in_scope(bindings, scope)))
+        except (ValueError, SyntaxError) as error:
+            raise RecipeError(f"bad --bind: {str(error).splitlines()[0]} (bindings: {list(bindings)})") from error
     trainer, data, task_fn = (_query(s, scope) for s in ("train.trainer", "train.data", "train.task"))
     with gin.config_scope(scope or None):
         task = task_fn()
@@ -51,3 +60,15 @@ def load_run(run_dir: Union[str, Path], device: str = "auto") -> tuple[RunResult
     result = RunResult(out_dir=run_dir, task=task, data=data, validation_windows=trainer.validation_batches(data),
                        device=resolved)
     return result, trainer, payload["step"]
+
+
+def _in_scope(bindings: Sequence[str], scope: str) -> list[str]:
+    """Each binding as given and, for an unscoped ``configurable.parameter = value`` in a scoped run, once more
+    under the run's scope (so that it wins over the run's own scoped binding of the same parameter)."""
+    lines = []
+    for binding in bindings:
+        lines.append(binding)
+        name = binding.split("=", 1)[0].strip()
+        if scope and "=" in binding and "." in name and "/" not in name:
+            lines.append(f"{scope}/{binding.strip()}")
+    return lines

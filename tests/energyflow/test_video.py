@@ -241,6 +241,14 @@ def test_the_debug_experiments_end_with_the_horizon_table(tmp_path, recipe, caps
     assert list(steps) == ["0", "linear", "1", "2"] and steps["0"] == pytest.approx(compared["ebt"]["steps"]["0"])
     if "system2" in recipe:
         return
+    shapes = tmp_path / "shapes.json"  # out of distribution: the trained models on bouncing shapes
+    assert main(["eval", str(out / "ebt"), "--max-steps", "1", "--json", str(shapes), "--bind",
+                 "train.data = @bouncing_shapes()", "--bind", "bouncing_shapes.canvas = 16", "--bind",
+                 "bouncing_shapes.frames = 8", "--bind", "bouncing_shapes.max_size = 6"]) == 0
+    ood = next(iter(json.loads(shapes.read_text())["runs"].values()))["steps"]
+    assert list(ood) == ["0", "linear", "1"] and ood["0"]["psnr@1"] != steps["0"]["psnr@1"]
+    assert main(["eval", str(out / "ebt"), "--bind", "bogus.thing = 3"]) == 1
+    assert "bad --bind: No configurable matching 'bogus'" in " ".join(capsys.readouterr().out.split())
     think = tmp_path / "think"
     assert main(["think", str(out / "ebt"), "--baseline", str(out / "transformer"), "--steps", "1,2", "--samples",
                  "1,3", "--images", "6", "--show", "2", "--out", str(think)]) == 0
