@@ -47,3 +47,10 @@ def with_perplexities(metrics: Mapping[str, float], cross_entropy_metrics: Seque
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in cross_entropy_metrics):
             out[perplexity_name(name)] = math.exp(value) if value < 709.0 else math.inf  # math.exp overflows
     return out
+
+
+def spearman(x: Tensor, y: Tensor) -> Tensor:
+    """Rank correlation of two tensors read flat (ties broken by order: meant for continuous values), 0-d float64."""
+    ranks = [torch.argsort(torch.argsort(v.flatten().double())).double() for v in (x, y)]
+    a, b = (r - r.mean() for r in ranks)
+    return (a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-30)

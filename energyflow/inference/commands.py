@@ -275,13 +275,7 @@ def run_think_images(args: argparse.Namespace, console: Console, result) -> int:
     validation = torch.cat([result.data.to_batch(raw, result.device)[ImageData.batch_key]
                             for raw in result.validation_windows])
     clean = validation[torch.linspace(0, len(validation) - 1, min(args.images, len(validation))).long()]
-    baseline = None
-    if args.baseline:
-        loaded, _, _ = load_run(args.baseline, device=args.device)
-        baseline = loaded.task.eval()
-        if not isinstance(baseline, DiffusionDenoisingTask):
-            raise ValueError(f"--baseline {args.baseline} is not a DiT run (its task is {type(baseline).__name__}); "
-                             "give the run trained with DiffusionDenoisingTask")
+    baseline = _baseline_task(args, DiffusionDenoisingTask, "a DiT run")
     thinking, pictures = image_thinking(task, clean, steps=args.steps, samples=args.samples, jitter=args.jitter,
                                         seed=args.seed, step_size=args.step_size, baseline=baseline,
                                         show=min(args.show, len(clean)))
@@ -309,6 +303,18 @@ def _check_continuous_options(args: argparse.Namespace, what: str) -> None:
         raise ValueError(f"--images must be >= 1 and --show >= 0, got {args.images} and {args.show}")
 
 
+def _baseline_task(args: argparse.Namespace, expected: type, what: str):
+    """The ``--baseline`` run's task in eval mode (``None`` without one); a clear error if it is not ``expected``."""
+    if not args.baseline:
+        return None
+    loaded, _, _ = load_run(args.baseline, device=args.device)
+    task = loaded.task.eval()
+    if not isinstance(task, expected):
+        raise ValueError(f"--baseline {args.baseline} is not {what} (its task is {type(task).__name__}); give the run "
+                         f"trained with {expected.__name__}")
+    return task
+
+
 def run_think_video(args: argparse.Namespace, console: Console, result) -> int:
     """``think`` on a video EBT: rollout PSNR per horizon vs steps and samples, energy vs error and on collisions
     and bounces, a Transformer++ run (``--baseline``) as the reference; a strip image and a GIF."""
@@ -318,13 +324,7 @@ def run_think_video(args: argparse.Namespace, console: Console, result) -> int:
     data, task = result.data, result.task
     index = torch.linspace(0, len(data.validation) - 1, min(args.images, len(data.validation))).long()
     pick = lambda flags: None if flags is None else flags[index]  # noqa: E731
-    baseline = None
-    if args.baseline:
-        loaded, _, _ = load_run(args.baseline, device=args.device)
-        baseline = loaded.task.eval()
-        if not isinstance(baseline, NextFrameRegressionTask):
-            raise ValueError(f"--baseline {args.baseline} is not a Transformer++ video run (its task is "
-                             f"{type(baseline).__name__}); give the run trained with NextFrameRegressionTask")
+    baseline = _baseline_task(args, NextFrameRegressionTask, "a Transformer++ video run")
     thinking, drawn = video_thinking(task, data.validation[index].to(result.device), steps=args.steps,
                                      samples=args.samples, jitter=args.jitter, seed=args.seed,
                                      step_size=args.step_size, baseline=baseline,

@@ -22,6 +22,7 @@ from torch import Tensor
 from energyflow.inference.optimize import think
 from energyflow.inference.text import thinking_config
 from energyflow.inference.verification import best_of_n_trace
+from energyflow.metrics import spearman
 from energyflow.tasks.image import DiffusionDenoisingTask, ImageDenoisingTask, level_name, unit_range_errors
 
 
@@ -45,13 +46,6 @@ class ImageThinking:
 
     def psnr_at(self, level: float, samples: int, steps: int) -> float:
         return self.psnr[level_name(level)][samples][steps]
-
-
-def spearman(x: Tensor, y: Tensor) -> float:
-    """Rank correlation of two ``[N]`` tensors (ties broken by order: continuous values here)."""
-    ranks = [torch.argsort(torch.argsort(v.double())).double() for v in (x, y)]
-    a, b = (r - r.mean() for r in ranks)
-    return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-30))
 
 
 def image_thinking(task: ImageDenoisingTask, clean: Tensor, *, steps: Sequence[int], samples: Sequence[int],
@@ -101,7 +95,7 @@ def image_thinking(task: ImageDenoisingTask, clean: Tensor, *, steps: Sequence[i
             out.psnr[name][n] = psnr.mean(dim=1).tolist()
             out.energy[name][n] = energies.double().mean(dim=1).tolist()
             if n == 1:
-                out.uncertainty[name] = spearman(result.energy_trace[-1], result.records[-1])
+                out.uncertainty[name] = float(spearman(result.energy_trace[-1], result.records[-1]))
                 if show:
                     pictures[name] = {"clean": clean[:show], "noisy": noisy[:show],
                                       **{f"ebt_{k}": kept[k] for k in steps}}

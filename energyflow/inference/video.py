@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from energyflow.tasks.image import unit_range_errors
-from energyflow.tasks.video import NextFrameEBTTask, NextFrameRegressionTask, spearman
+from energyflow.metrics import spearman
+from energyflow.tasks.video import NextFrameEBTTask, NextFrameRegressionTask
 
 
 @dataclass

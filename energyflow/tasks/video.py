@@ -29,6 +29,7 @@ from energyflow.data import Batch
 from energyflow.models.sequence import VectorSequenceEBM
 from energyflow.objectives.unrolled import EBTObjective
 from energyflow.tasks.base import Metrics, Task, descent_lr_multipliers
+from energyflow.metrics import spearman
 from energyflow.tasks.image import unit_range_errors
 
 StepCount = Union[int, str, None]
@@ -55,13 +56,6 @@ def check_features(vectors: Tensor, feature_dim: int, frame_shape: tuple[int, ..
 def linear_extrapolation(previous: Tensor, last: Tensor) -> Tensor:
     """``last + (last - previous)``, clipped to [-1, 1]."""
     return (2 * last - previous).clamp(-1.0, 1.0)
-
-
-def spearman(x: Tensor, y: Tensor) -> Tensor:
-    """Rank correlation of two flat tensors (ties broken by order; continuous values here), as a 0-d tensor."""
-    ranks = [torch.argsort(torch.argsort(v.flatten().double())).double() for v in (x, y)]
-    a, b = (r - r.mean() for r in ranks)
-    return (a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-30)
 
 
 class _NextFrameTask(Task):

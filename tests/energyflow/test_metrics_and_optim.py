@@ -83,3 +83,12 @@ def test_paper_learning_rates():
     assert paper_learning_rate("xl") == 0.0002
     with pytest.raises(ValueError, match="choose one of"):
         paper_learning_rate("huge")
+
+
+def test_spearman_is_the_rank_correlation():
+    from energyflow.metrics import spearman
+
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert float(spearman(x, x ** 3)) == pytest.approx(1.0)  # any increasing map: ranks agree
+    assert float(spearman(x, -x)) == pytest.approx(-1.0)
+    assert float(spearman(x, torch.tensor([2.0, 1.0, 4.0, 3.0, 5.0]))) == pytest.approx(0.8)  # 1 - 6*4/(5*24)
