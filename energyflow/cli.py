@@ -6,6 +6,8 @@ the same way).
     energyflow recipes
     energyflow generate runs/ebt --prompt "The list" --max-new 64       # see docs/inference.md
     energyflow think runs/ebt --baseline runs/tpp --steps 1,2,4,8,16 --samples 1,4,16
+    energyflow sweep experiments/ebt_system1_debug.gin --axis "GradientDescent.step_size = [10.0, 50.0]" --out s
+    energyflow report s
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from energyflow.evaluation import step_counts
 from energyflow.experiment import comparison_table, evaluate_steps, write_metrics_json
 from energyflow.runs import load_run
 from energyflow.inference.commands import add_commands as add_inference_commands
+from energyflow.sweeps.commands import add_commands as add_sweep_commands
 from energyflow.trainer import TrainingDiverged
 
 
@@ -96,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         "List every recipe under the recipes root with the first comment line of the file."))
     recipes.set_defaults(handler=_recipes)
     add_inference_commands(commands)  # generate, think (energyflow/inference/commands.py)
+    add_sweep_commands(commands)  # sweep, report (energyflow/sweeps/commands.py)
     return parser
 
 

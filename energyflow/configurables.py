@@ -107,6 +107,11 @@ from energyflow.tasks import hnet as _hnet_tasks  # noqa: E402
 _register("architectures", _hnet.HNetConfig, _hnet.HNet, _hnet.HNetLM, _hnet_ebt.HNetContextEBT)
 _register("energyflow.tasks", _hnet_tasks.HNetLanguageModelTask, _hnet_tasks.HNetEBTLanguageModelTask)
 
+# ------------------------------------------------------------------------------------------- sweeps
+from energyflow.sweeps import spec as _sweep_spec  # noqa: E402
+
+_register("energyflow.sweeps", _sweep_spec.sweep)
+
 # --------------------------------------------------------------------------------------------- roots
 # `energyflow train` calls `launch`; `launch.program` is `train` unless a recipe binds `@compare`.
 _register("energyflow", experiment.train, experiment.compare, experiment.launch)
