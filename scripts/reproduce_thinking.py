@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+SWEEPS_MARKER = "<!-- sweeps: kept when this script rewrites the file -->"
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from energyflow import plots  # noqa: E402
@@ -246,7 +247,10 @@ def main() -> None:
     ebt_dir, baseline_dir = ensure_runs(args)
     result = evaluate(args, ebt_dir, baseline_dir)
     plot(args, result, args.out.with_name(f"{args.out.stem}_thinking.png"))
-    args.out.write_text(report(args, result, time.perf_counter() - started))
+    kept = ""  # the sweeps' section (written by hand from `energyflow report`) survives a rerun of this script
+    if args.out.is_file() and SWEEPS_MARKER in args.out.read_text():
+        kept = "\n" + args.out.read_text()[args.out.read_text().index(SWEEPS_MARKER):]
+    args.out.write_text(report(args, result, time.perf_counter() - started) + kept)
     print(args.out.read_text())
 
 
