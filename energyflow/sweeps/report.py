@@ -1,5 +1,6 @@
 """The report of a sweep directory: per combination of axis values (the seeds pooled), per run and step count, the
-mean ± standard error over seeds of the chosen validation metrics; a ``rich`` table, ``report.json``,
+mean ± standard error over seeds of the chosen validation metrics (a perplexity as exp of the mean loss, its
+error by the delta method, never a mean of perplexities); a ``rich`` table, ``report.json``,
 ``report.md`` and PNG plots (each metric against each axis, with standard-error bars; the training curves of
 every trial overlaid). Standard error = sample standard deviation / sqrt(number of seeds) (none for one seed).
 """
@@ -71,14 +72,27 @@ def aggregate(manifest: dict, records: Sequence[dict], metrics: Optional[Sequenc
                     values = [v for v in values if v is not None and math.isfinite(v)]
                     if not values:
                         continue
-                    stderr = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
-                    rows.append(Row(dict(zip(axis_names, key)), run, steps, metric, statistics.fmean(values), stderr,
-                                    len(values), values))
+                    mean, stderr = _mean_and_stderr(values)
+                    if metric.startswith("perplexity"):  # exp(mean loss), never a mean of perplexities
+                        losses = [math.log(v) for v in values]
+                        loss_mean, loss_stderr = _mean_and_stderr(losses)
+                        mean = math.exp(loss_mean)
+                        stderr = None if loss_stderr is None else mean * loss_stderr  # the delta method
+                    rows.append(Row(dict(zip(axis_names, key)), run, steps, metric, mean, stderr, len(values), values))
     return rows
 
 
+def _mean_and_stderr(values: Sequence[float]) -> tuple[float, Optional[float]]:
+    stderr = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+    return statistics.fmean(values), stderr
+
+
+def _number_text(value: float) -> str:
+    return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.3e}"
+
+
 def _cell(row: Row) -> str:
-    return f"{row.mean:.4f}" + (f" ± {row.stderr:.4f}" if row.stderr is not None else "")
+    return _number_text(row.mean) + (f" ± {_number_text(row.stderr)}" if row.stderr is not None else "")
 
 
 def report_table(manifest: dict, rows: Sequence[Row]) -> Table:

@@ -4,6 +4,7 @@ equal to the trials' own evaluations, and the Ray engine writing what the local 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -103,6 +104,20 @@ def test_axes_expand_to_a_grid_or_pairs():
         expand("r.gin", [a, parse_axis("B = [1]")], [0], paired=True)
     with pytest.raises(SweepError, match="repeats a value"):
         parse_axis("A = [1, 1]")
+
+
+def test_the_report_takes_a_perplexity_as_exp_of_the_mean_loss():
+    from energyflow.sweeps.report import aggregate
+
+    manifest = {"axes": [{"name": "A", "values": ["1"]}]}
+    records = [{"name": f"t{s}", "status": "done", "axes": {"A": "1"}, "seed": s,
+                "runs": {"run": {"table_metrics": ["loss", "perplexity"],
+                                 "steps": {"-": {"loss": loss, "perplexity": math.exp(loss)}}}}}
+               for s, loss in enumerate([1.0, 3.0])]
+    rows = {row.metric: row for row in aggregate(manifest, records)}
+    assert rows["loss"].mean == pytest.approx(2.0) and rows["loss"].stderr == pytest.approx(1.0)
+    assert rows["perplexity"].mean == pytest.approx(math.exp(2.0))  # not (e + e^3) / 2
+    assert rows["perplexity"].stderr == pytest.approx(math.exp(2.0) * 1.0)
 
 
 def test_a_variant_axis_is_an_ablation_of_named_binding_sets():
