@@ -166,7 +166,7 @@ def plot_axes(out: Path, manifest: dict, rows: Sequence[Row]) -> list[Path]:
                             yerr=[r.stderr or 0.0 for r in members], marker="o", capsize=3,
                             label=", ".join(x for x in label if x != "run"))
             if any(isinstance(p, int) and _number(v) is None for v, p in positions.items()):
-                ax.set_xticks(list(positions.values()), list(positions))
+                ax.set_xticks(list(positions.values()), list(positions), rotation=25, ha="right")
             ax.set(xlabel=axis["name"], ylabel=metric, title=f"{metric} vs {axis['name']}")
             ax.grid(alpha=0.3)
             if len(series) <= 12:
