@@ -49,6 +49,11 @@ def _train(args: argparse.Namespace, console: Console) -> int:
 
 
 def _eval(args: argparse.Namespace, console: Console) -> int:
+    if args.json is not None:  # before the evaluation, so a bad path costs nothing
+        try:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise RecipeError(f"cannot write --json {args.json}: {error.strerror}; choose a writable path") from error
     result, _, step = load_run(args.run_dir, device=args.device, bindings=args.bind)
     counts = step_counts(args.max_steps)
     name = f"{Path(args.run_dir).name} (step {step})"

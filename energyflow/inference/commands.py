@@ -295,9 +295,9 @@ def run_think_images(args: argparse.Namespace, console: Console, result) -> int:
 
 def _check_continuous_options(args: argparse.Namespace, what: str) -> None:
     if args.data:
-        raise ValueError(f"--data reads text files; a {what} EBT thinks on its run's held-out data")
+        raise ValueError(f"--data reads text files; an {what} EBT thinks on its run's held-out data")
     if args.noise or args.accept_if_lower or args.energy_tolerance is not None or args.grad_tolerance is not None:
-        raise ValueError(f"--noise, --accept-if-lower and the tolerances apply to text thinking; a {what} EBT takes "
+        raise ValueError(f"--noise, --accept-if-lower and the tolerances apply to text thinking; an {what} EBT takes "
                          "--steps, --samples, --jitter, --step-size, --images and --show")
     if args.images < 1 or args.show < 0:
         raise ValueError(f"--images must be >= 1 and --show >= 0, got {args.images} and {args.show}")
@@ -320,7 +320,7 @@ def run_think_video(args: argparse.Namespace, console: Console, result) -> int:
     and bounces, a Transformer++ run (``--baseline``) as the reference; a strip image and a GIF."""
     from energyflow.inference.video import video_thinking, write_video_thinking
 
-    _check_continuous_options(args, "video")
+    _check_continuous_options(args, "autoregressive video")
     data, task = result.data, result.task
     index = torch.linspace(0, len(data.validation) - 1, min(args.images, len(data.validation))).long()
     pick = lambda flags: None if flags is None else flags[index]  # noqa: E731

@@ -68,6 +68,8 @@ def test_eval_rebuilds_the_run_from_its_operative_config(debug_run):
     status, _ = _run(["eval", str(out), "--json", str(path)])
     (written,) = json.loads(path.read_text())["runs"].values()
     assert status == 0 and written["steps"] == {"-": pytest.approx(result.validation)}
+    status, text = _run(["eval", str(out), "--json", "/proc/no-such-dir/eval.json"])  # refused before evaluating
+    assert status == 1 and "cannot write --json" in text and "Traceback" not in text
 
 
 def test_compare_trains_scoped_runs_and_prints_a_table(tmp_path, capsys):
