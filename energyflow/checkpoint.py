@@ -16,9 +16,20 @@ copy (what ``energyflow eval`` and single-process tools use); ``rank_states`` ho
 that wrote the checkpoint (one for a single process). On resume each rank restores its own entry, and a
 checkpoint with per-rank state is refused by a run with another number of processes. A checkpoint written
 before ``rank_states`` existed resumes as before: every rank starts from rank 0's copy in ``task``.
+
+Integrity. Every checkpoint ``step_N.pt`` has a sidecar ``step_N.pt.sha256`` (``sha256sum`` format: the
+SHA-256 of the file's bytes, then its name), written and fsynced before the checkpoint takes its final name.
+``load_checkpoint`` verifies it, so a flipped byte anywhere in the file is refused instead of loading silently;
+``load_newest_verified`` falls back to the newest checkpoint that verifies, saying which were skipped, and
+refuses when none does; ``newest_verified`` is what the NaN guard names as the last good checkpoint. A
+checkpoint also records ``history_sha256``: the digest of the run's ``history.jsonl`` as it stood when the
+checkpoint was written (``verify_history`` checks it on resume). A checkpoint written before checksums existed
+(no sidecar) loads as before.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 from pathlib import Path
@@ -34,7 +45,53 @@ _NAME = re.compile(r"step_(\d{8})\.pt")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: unreadable, truncated, or from another model."""
+    """A checkpoint that cannot be used: unreadable, truncated, corrupt (its checksum differs), or from another
+    model."""
+
+
+class RunDirectoryError(CheckpointError):
+    """A run directory that cannot be trained into as asked: a file, another recipe's run, or a run whose
+    checkpoints and history disagree. Nothing was written."""
+
+
+def file_digest(path: Union[str, Path]) -> str:
+    """SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checksum_path(path: Union[str, Path]) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def recorded_digest(path: Union[str, Path]) -> Optional[str]:
+    """The digest the sidecar of ``path`` records, or ``None`` if it has none (written before checksums)."""
+    sidecar = checksum_path(path)
+    if not sidecar.is_file():
+        return None
+    fields = sidecar.read_text().split()
+    return fields[0] if fields else ""
+
+
+def verify_checkpoint(path: Union[str, Path]) -> Optional[bool]:
+    """``True`` if ``path`` matches its recorded checksum, ``False`` if not, ``None`` if it records none."""
+    expected = recorded_digest(path)
+    if expected is None:
+        return None
+    return Path(path).is_file() and file_digest(path) == expected
 
 
 def fingerprint(module: nn.Module) -> list[list]:
@@ -59,6 +116,9 @@ def save_checkpoint(path: Union[str, Path], payload: dict[str, Any]) -> Path:
         torch.save({"format": FORMAT, **payload}, handle)
         handle.flush()
         os.fsync(handle.fileno())
+    # The checksum first: a crash between the two renames leaves a sidecar without its checkpoint (ignored),
+    # never a checkpoint that verifies against nothing.
+    _write_atomically(checksum_path(path), f"{file_digest(temporary)}  {path.name}\n".encode())
     os.replace(temporary, path)
     return path
 
@@ -68,6 +128,9 @@ def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
+    if verify_checkpoint(path) is False:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its SHA-256 differs from the one recorded in "
+                              f"{checksum_path(path).name} when it was written")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types for truncated/corrupt archives
@@ -162,7 +225,73 @@ def latest_checkpoint(directory: Union[str, Path]) -> Optional[Path]:
     return found[-1] if found else None
 
 
+def newest_verified(directory: Union[str, Path]) -> Optional[Path]:
+    """The newest checkpoint that matches its checksum (or records none), without loading it."""
+    for path in reversed(list_checkpoints(directory)):
+        if verify_checkpoint(path) is not False:
+            return path
+    return None
+
+
+def load_newest_verified(directory: Union[str, Path], map_location: Union[str, torch.device] = "cpu",
+                         ) -> tuple[Optional[Path], Optional[dict[str, Any]], list[str]]:
+    """``(path, payload, notes)`` of the newest checkpoint in ``directory`` that verifies and loads; ``notes``
+    name each newer one skipped and why. ``(None, None, [])`` when there are none; a ``CheckpointError`` naming
+    every failure when none of them loads (nothing is deleted)."""
+    found = list_checkpoints(directory)
+    failures = []
+    for path in reversed(found):
+        try:
+            payload = load_checkpoint(path, map_location=map_location)
+        except CheckpointError as error:
+            failures.append(str(error))
+            continue
+        notes = [f"skipped: {failure}" for failure in failures]
+        if failures:
+            notes.append(f"falling back to {path.name}, the newest checkpoint that verifies")
+        return path, payload, notes
+    if not found:
+        return None, None, []
+    raise CheckpointError(f"no checkpoint in {directory} verifies ({len(found)} tried: {'; '.join(failures)}). "
+                          "They are left as they are; start over in a new --out (or with --fresh, which moves "
+                          "this run aside)")
+
+
 def prune_checkpoints(directory: Union[str, Path], keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints."""
+    """Delete all but the newest ``keep`` checkpoints (and their checksums)."""
     for path in list_checkpoints(directory)[:-keep]:
         path.unlink()
+        checksum_path(path).unlink(missing_ok=True)
+
+
+def history_lines(path: Union[str, Path], step: int) -> list[str]:
+    """The lines of a ``history.jsonl`` for steps ``<= step`` (a line a crash cut short is dropped)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if float(json.loads(line)["step"]) <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    return kept
+
+
+def history_digest(lines: list[str]) -> str:
+    return hashlib.sha256("".join(line + "\n" for line in lines).encode()).hexdigest()
+
+
+def verify_history(path: Union[str, Path], step: int, expected: Optional[str]) -> Optional[str]:
+    """Check a run's ``history.jsonl`` up to ``step`` against the digest its checkpoint recorded. On a mismatch
+    the file is kept aside as ``history.jsonl.unverified`` (nothing is lost) and a note saying so is returned;
+    ``None`` when it verifies or the checkpoint recorded no digest."""
+    path = Path(path)
+    if expected is None or history_digest(history_lines(path, step)) == expected:
+        return None
+    aside = path.with_name(path.name + ".unverified")
+    if path.is_file():
+        os.replace(path, aside)
+    return (f"{path.name} does not match the checksum recorded at step {step} (edited or corrupt): kept as "
+            f"{aside.name}; the history restarts at step {step}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import tokenize
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
@@ -84,12 +85,59 @@ def parse_recipe(name: Union[str, Path], bindings: Sequence[str] = (), *, root: 
     root = root or recipes_root()
     path = resolve_recipe(name, root)
     check_includes(path, root)
+    if not _statements(path.read_text()):
+        raise RecipeError(f"recipe {path} is empty (no bindings, no includes); a recipe binds at least "
+                          "`launch.program` or `train.*`, or includes one that does (see `energyflow recipes`)")
     with _inside(root):
         try:
-            gin.parse_config_files_and_bindings([str(path)], list(bindings), finalize_config=False)
+            gin.parse_config_files_and_bindings([str(path)], [], finalize_config=False)
+        except tokenize.TokenError as error:
+            raise RecipeError(f"cannot parse recipe {path}: {_unclosed(error, path.read_text())}") from error
         except (ValueError, SyntaxError, OSError) as error:
-            raise RecipeError(f"cannot parse recipe {path}: {error}") from error
+            raise RecipeError(f"cannot parse recipe {path}: {_gin_reason(error)}") from error
+    parse_bindings(bindings)
     return path
+
+
+def _statements(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _unclosed(error: tokenize.TokenError, text: str) -> str:
+    """gin's tokenizer error for a bracket or string left open, as where it was opened and how to fix it."""
+    depth, opened = 0, None
+    for number, line in enumerate(text.splitlines(), 1):
+        for char in line.split("#", 1)[0]:
+            if char in "([{":
+                depth, opened = depth + 1, opened if depth else number
+            elif char in ")]}":
+                depth = max(depth - 1, 0)
+    where = f"line {opened}" if opened else "the end of the file"
+    return f"a bracket opened at {where} is never closed (the file ends inside it); close it"
+
+
+def _gin_reason(error: BaseException) -> str:
+    """gin's message in one line: its first line, then where (file and line) when gin says."""
+    text = str(error)
+    first = text.splitlines()[0].strip() if text else type(error).__name__
+    location = re.search(r'In file "([^"]+)", line (\d+)', text)
+    return first + (f" ({location.group(1)}, line {location.group(2)})" if location else "")
+
+
+def parse_bindings(bindings: Sequence[str]) -> None:
+    """Parse ``--bind`` lines one at a time, so that a bad one is named: unknown configurables and parameters,
+    unparsable values and unclosed brackets or quotes are ``RecipeError``s saying which binding and why."""
+    for binding in bindings:
+        try:
+            gin.parse_config([binding])
+        except tokenize.TokenError:
+            raise RecipeError(f"bad --bind {binding!r}: a bracket or quote is never closed; close it") from None
+        except (ValueError, SyntaxError) as error:
+            reason = str(error).splitlines()[0].strip() if str(error) else type(error).__name__
+            if reason.startswith("Unable to parse value"):
+                reason = ("its value is not a gin value (a number, 'quoted string', [list], (tuple), True/False, "
+                          "None, @configurable or %MACRO); check the quotes and brackets")
+            raise RecipeError(f"bad --bind {binding!r}: {reason}") from error
 
 
 def parse_text(text: str, source: str) -> None:
@@ -104,12 +152,29 @@ def parse_text(text: str, source: str) -> None:
 _REQUIRED_MACRO = re.compile(r"^([A-Za-z_][\w.]*) = %gin\.REQUIRED$", re.MULTILINE)
 
 
+_MACRO_USE = re.compile(r"^([A-Za-z_][\w./]*) = .*?%([A-Za-z_][\w]*(?:\.[\w]+)*)", re.MULTILINE)
+
+
 def check_required_macros() -> None:
-    """Fail if a macro is still ``%gin.REQUIRED`` (gin itself passes such a macro on as a sentinel)."""
-    missing = _REQUIRED_MACRO.findall(gin.config_str())
+    """Fail if a macro is still ``%gin.REQUIRED`` (gin itself passes such a macro on as a sentinel), or if a
+    binding uses a macro that is never defined (gin would only fail when the binding is first used, as
+    "macro() missing 1 required positional argument")."""
+    text = gin.config_str()
+    missing = _REQUIRED_MACRO.findall(text)
     if missing:
         raise RecipeError(f"the recipe leaves required macro(s) {missing} unset; set them in the experiment "
                           f"file or on the command line, e.g. --bind \"{missing[0]} = ...\"")
+    for selector, macro in _MACRO_USE.findall(text):
+        if macro.startswith("gin."):
+            continue
+        try:
+            gin.query_parameter(f"%{macro}")
+        except ValueError:
+            raise RecipeError(f"{selector} uses the macro %{macro}, which is never defined; define it in the recipe "
+                              f"or with --bind \"{macro} = ...\" (or fix its spelling)") from None
+
+
+check_macros = check_required_macros
 
 
 def describe(path: Path) -> str:

@@ -24,9 +24,11 @@ def step_counts(max_steps: int) -> list[int]:
 
 def evaluate_task(task: Task, batches: Sequence[Any], to_batch: Callable[[Any, torch.device], Batch], *,
                   device: torch.device, num_steps: Optional[int] = None,
-                  context: Optional[DistContext] = None) -> dict[str, float]:
+                  context: Optional[DistContext] = None,
+                  advance: Optional[Callable[[int], None]] = None) -> dict[str, float]:
     """Mean of ``task.evaluate`` over the validation ``batches`` (raw; ``to_batch``, the data source's, makes
-    each the task's batch on ``device``), plus perplexities.
+    each the task's batch on ``device``), plus perplexities. ``advance(1)`` is called after each batch (a
+    progress bar's, ``energyflow.monitor.progress_bar``).
 
     With a ``context`` of several processes, batch ``i`` is evaluated by rank ``i % world_size`` and the
     sums are all-reduced, so every rank returns the same numbers as a single process would.
@@ -38,7 +40,11 @@ def evaluate_task(task: Task, batches: Sequence[Any], to_batch: Callable[[Any, t
     was_training = task.training
     task.eval()
     try:
-        parts = [task.evaluate(to_batch(windows, device), num_steps=num_steps) for windows in batches[rank::world]]
+        parts = []
+        for windows in batches[rank::world]:
+            parts.append(task.evaluate(to_batch(windows, device), num_steps=num_steps))
+            if advance is not None:
+                advance(1)
     finally:
         task.train(was_training)
     means = mean_metrics(parts)

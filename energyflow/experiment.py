@@ -42,13 +42,18 @@ def launch(program: Optional[Callable[[], Any]] = None) -> Any:
     return (program or gin.get_configurable("train"))()
 
 
-def evaluate_steps(result: RunResult, eval_steps: Sequence[int]) -> dict[Optional[int], dict[str, float]]:
+def evaluate_steps(result: RunResult, eval_steps: Sequence[int], *,
+                   progress: bool = False) -> dict[Optional[int], dict[str, float]]:
     """Validation metrics at every count the task evaluates at for ``eval_steps`` (``Task.evaluation_counts``: the
-    counts themselves for an iterative task, one entry with key ``None`` for a one-shot task)."""
+    counts themselves for an iterative task, one entry with key ``None`` for a one-shot task); ``progress``: a
+    ``rich`` bar over batches x counts."""
+    from energyflow.monitor import progress_bar
+
     counts = result.task.evaluation_counts(eval_steps)
-    return {k: evaluate_task(result.task, result.validation_windows, result.data.to_batch, device=result.device,
-                             num_steps=k)
-            for k in counts}
+    with progress_bar("eval", len(counts) * len(result.validation_windows), enabled=progress) as advance:
+        return {k: evaluate_task(result.task, result.validation_windows, result.data.to_batch, device=result.device,
+                                 num_steps=k, advance=advance)
+                for k in counts}
 
 
 def comparison_table(results: dict[str, dict[Optional[int], dict[str, float]]],

@@ -5,9 +5,10 @@ Only the main process writes; the other ranks get a ``Monitor`` whose methods do
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -24,6 +25,22 @@ def _step_of(line: str) -> float:
         return float(json.loads(line)["step"])
     except (ValueError, KeyError):
         return float("inf")
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int, *, console: Optional[Console] = None,
+                 enabled: bool = True) -> Iterator[Callable[[int], None]]:
+    """A ``rich`` progress bar over ``total`` units of work (batches x step counts, ...) for a long command;
+    yields ``advance(n=1)``. Disabled (or ``total`` 0) it yields a no-op, so callers need no branches. The bar
+    is transient: it clears when the work is done and the command prints its table."""
+    if not enabled or total <= 0:
+        yield lambda n=1: None
+        return
+    progress = Progress(TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeRemainingColumn(), console=console or Console(), transient=True)
+    task = progress.add_task(description, total=total)
+    with progress:
+        yield lambda n=1: progress.advance(task, n)
 
 
 class Monitor:

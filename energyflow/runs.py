@@ -34,17 +34,19 @@ def load_run(run_dir: Union[str, Path], device: str = "auto",
     Returns the result (task with the checkpoint's weights, validation windows), its trainer settings, and
     the checkpoint's step. Clears gin's config first. ``bindings`` (gin lines) are applied after the operative
     config, inside the run's scope too, e.g. ``"train.data = @bouncing_shapes()"`` to validate on other data;
-    the checkpoint must still fit the model they build.
+    the checkpoint must still fit the model they build. A run trained from the Python API (``Trainer.fit``
+    without a recipe) has an empty operative config and is refused with a ``RecipeError`` naming the fix.
     """
     run_dir = Path(run_dir)
     latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
     operative = run_dir / "operative_config.gin"
-    if latest is None or not operative.is_file():
+    if latest is None:
         raise FileNotFoundError(f"{run_dir} is not a run directory with checkpoints/ and operative_config.gin")
+    text = _operative_text(run_dir, operative)
     resolved = resolve_device(device)
-    payload = ckpt.load_checkpoint(latest, map_location=resolved)
+    latest, payload, notes = ckpt.load_newest_verified(run_dir / "checkpoints", map_location=resolved)
     gin.clear_config()
-    parse_text(operative.read_text(), str(operative))
+    parse_text(text, str(operative))
     scope = payload["scope"]
     if bindings:
         try:
@@ -58,8 +60,21 @@ def load_run(run_dir: Union[str, Path], device: str = "auto",
     task.to(resolved, DTYPES[trainer.dtype])  # before loading: a float64 run's weights stay float64
     task.load_state_dict(payload["task"])
     result = RunResult(out_dir=run_dir, task=task, data=data, validation_windows=trainer.validation_batches(data),
-                       device=resolved)
+                       device=resolved, notes=notes)
     return result, trainer, payload["step"]
+
+
+def _operative_text(run_dir: Path, operative: Path) -> str:
+    """The run's operative config; a missing or empty one (``Trainer.fit`` called from Python, without a recipe,
+    writes it empty; blank and comment-only lines count as empty) is refused in one line: there is nothing to
+    rebuild the task from."""
+    text = operative.read_text() if operative.is_file() else ""
+    if not any(line.strip() and not line.lstrip().startswith("#") for line in text.splitlines()):
+        state = "is empty" if operative.is_file() else "is missing"
+        raise RecipeError(f"{run_dir} was not trained from a gin recipe (its operative_config.gin {state}), so it "
+                          "cannot be rebuilt: train it with `energyflow train RECIPE`, or load its checkpoint with "
+                          "the Python API as docs/training.md shows")
+    return text
 
 
 def _in_scope(bindings: Sequence[str], scope: str) -> list[str]:

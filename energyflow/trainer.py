@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence, Union
@@ -47,7 +48,8 @@ class TrainingDiverged(RuntimeError):
 class RunResult:
     """What ``fit`` returns: the trained task, the data source, its validation batches (raw, as the source
     keeps them: ``data.to_batch`` makes the task's batch), the per-step history of this process (``step`` =
-    steps completed, 1-based) and the final validation."""
+    steps completed, 1-based), the final validation, and notes (what a command should say about how the run
+    was loaded, e.g. a corrupt checkpoint skipped)."""
 
     out_dir: Path
     task: Task
@@ -56,11 +58,56 @@ class RunResult:
     device: torch.device
     history: list[dict[str, float]] = field(default_factory=list)
     validation: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # e.g. checkpoints skipped for a failed checksum
 
 
 def _seed_for(seed: int, step: int, micro: int, rank: int) -> int:
     """A distinct, reproducible seed per (run seed, step, micro-batch, rank)."""
     return (((seed * 1_000_003 + step) * 1_009 + micro) * 1_013 + rank) % (2**63 - 1)
+
+
+_INTS = {"num_steps": 1, "batch_size": 1, "eval_batches": 1, "checkpoint_every": 1, "keep_checkpoints": 1,
+         "accumulation_steps": 1, "warmup_steps": 0, "eval_every": 0, "seed": None}  # name -> minimum
+_OPTIONAL_INTS = {"num_threads": 1, "eval_batch_size": 1}
+_BOOLS = ("progress", "resume", "flush_denormal")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_settings(settings: Mapping[str, object]) -> None:
+    """Refuse a setting of the wrong type or range when the trainer is built (one line naming the parameter),
+    not at the step where it would first be used."""
+    for name, minimum in {**_INTS, **_OPTIONAL_INTS}.items():
+        value = settings[name]
+        if value is None and name in _OPTIONAL_INTS:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            kind = "None or an integer" if name in _OPTIONAL_INTS else "an integer"
+            raise ValueError(f"Trainer.{name} must be {kind}, got {value!r} ({type(value).__name__})")
+        if minimum is not None and value < minimum:
+            raise ValueError(f"Trainer.{name} must be >= {minimum}, got {value}")
+    for name in _BOOLS:
+        if not isinstance(settings[name], bool):
+            raise ValueError(f"Trainer.{name} must be True or False, got {settings[name]!r}")
+    learning_rate, min_lr_ratio, weight_decay = (settings[n] for n in ("learning_rate", "min_lr_ratio",
+                                                                     "weight_decay"))
+    if not _number(learning_rate) or not learning_rate > 0:
+        raise ValueError(f"Trainer.learning_rate must be a number > 0, got {learning_rate!r}")
+    if not _number(min_lr_ratio) or not 0.0 <= min_lr_ratio <= 1.0:
+        raise ValueError(f"Trainer.min_lr_ratio must be a number in [0, 1], got {min_lr_ratio!r}")
+    if not _number(weight_decay) or weight_decay < 0:
+        raise ValueError(f"Trainer.weight_decay must be a number >= 0, got {weight_decay!r}")
+    betas = settings["betas"]
+    if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+            or not all(_number(b) and 0.0 <= b < 1.0 for b in betas)):
+        raise ValueError(f"Trainer.betas must be a pair of numbers in [0, 1), e.g. (0.9, 0.999), got {betas!r}")
+    grad_clip = settings["grad_clip"]
+    if grad_clip is not None and (not _number(grad_clip) or not grad_clip > 0):
+        raise ValueError(f"Trainer.grad_clip must be a number > 0, or None for no clipping, got {grad_clip!r}")
+    if not isinstance(settings["device"], str):
+        raise ValueError(f"Trainer.device must be 'auto', 'cpu' or 'cuda' (a string), got {settings['device']!r}")
 
 
 class Trainer:
@@ -90,18 +137,9 @@ class Trainer:
                  eval_batch_size: Optional[int] = None, seed: int = 0, device: str = "auto",
                  progress: bool = True, resume: bool = True, num_threads: Optional[int] = None,
                  flush_denormal: bool = True, dtype: str = "float32") -> None:
-        for name, value in (("num_steps", num_steps), ("batch_size", batch_size), ("eval_batches", eval_batches),
-                            ("checkpoint_every", checkpoint_every), ("keep_checkpoints", keep_checkpoints),
-                            ("accumulation_steps", accumulation_steps)):
-            if value < 1:
-                raise ValueError(f"Trainer.{name} must be >= 1, got {value}")
+        _check_settings(locals())
         if dtype not in DTYPES:
             raise ValueError(f"Trainer.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        if num_threads is not None and num_threads < 1:
-            raise ValueError(f"Trainer.num_threads must be None (torch's default) or >= 1, got {num_threads}")
-        if not 0.0 <= min_lr_ratio <= 1.0 or learning_rate <= 0 or warmup_steps < 0 or eval_every < 0:
-            raise ValueError("need learning_rate > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0, eval_every >= 0; "
-                             f"got {learning_rate}, {min_lr_ratio}, {warmup_steps}, {eval_every}")
         self.num_steps, self.batch_size, self.learning_rate = num_steps, batch_size, learning_rate
         self.accumulation_steps, self.warmup_steps, self.min_lr_ratio = accumulation_steps, warmup_steps, min_lr_ratio
         self.weight_decay, self.betas, self.grad_clip = weight_decay, tuple(betas), grad_clip
@@ -159,6 +197,81 @@ class Trainer:
             distributed.shutdown(run.context, synchronize=completed)
 
 
+# What a resume may change: how long to train, where and how it shows, how often it checkpoints and validates.
+RESUMABLE = frozenset({"Trainer.num_steps", "Trainer.progress", "Trainer.device", "Trainer.num_threads",
+                       "Trainer.checkpoint_every", "Trainer.keep_checkpoints", "Trainer.eval_every",
+                       "Trainer.eval_batches", "Trainer.eval_batch_size", "Trainer.resume", "Trainer.flush_denormal",
+                       "compare.eval_steps"})
+_BINDING = re.compile(r"^([A-Za-z_][\w./]*)\s*=\s*(.*)$")
+
+
+def config_bindings(text: str) -> dict[str, str]:
+    """``selector -> value text`` of a gin config string (``gin.config_str()``), macros substituted into the
+    values and dropped as entries; continuation lines joined."""
+    entries: dict[str, str] = {}
+    current = None
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        match = _BINDING.match(line)
+        if match and not line[0].isspace():
+            current = match.group(1)
+            entries[current] = match.group(2).strip()
+        elif current is not None:
+            entries[current] += " " + line.strip()
+    macros = {name: value for name, value in entries.items() if "." not in name.split("/")[-1]}
+    reference = re.compile(r"%([A-Za-z_][\w.]*)")
+    resolved = {}
+    for name, value in entries.items():
+        if name in macros:
+            continue
+        for _ in range(8):  # macros of macros
+            value = reference.sub(lambda m: macros.get(m.group(1), m.group(0)), value)
+        resolved[name] = value
+    return resolved
+
+
+def _resumable(selector: str) -> bool:
+    name = selector.split("/")[-1]
+    return name in RESUMABLE or name.endswith(".out_dir") or name.endswith(".program")
+
+
+def config_differences(old: str, new: str) -> list[str]:
+    """``"selector: old -> new"`` for every binding that differs between two config strings, except those a
+    resume may change (``RESUMABLE``, output paths)."""
+    before, after = config_bindings(old), config_bindings(new)
+    changed = []
+    for selector in sorted(set(before) | set(after)):
+        if _resumable(selector) or before.get(selector) == after.get(selector):
+            continue
+        changed.append(f"{selector}: {before.get(selector, '(unset)')} -> {after.get(selector, '(unset)')}")
+    return changed
+
+
+def check_run_directory(out_dir: Path, config: str) -> None:
+    """Refuse, before anything is written, an ``out_dir`` that is a file, or that holds the run of another
+    recipe (its ``config.gin`` differs in more than what a resume may change)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ckpt.RunDirectoryError(f"the run directory {out_dir} is an existing file, not a directory; choose "
+                                     "another --out")
+    for parent in out_dir.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ckpt.RunDirectoryError(f"cannot make the run directory {out_dir}: {parent} is a file; choose "
+                                             "another --out")
+            break
+    previous = out_dir / "config.gin"
+    if not config or not previous.is_file() or not previous.read_text().strip():
+        return
+    changed = config_differences(previous.read_text(), config)
+    if changed:
+        shown = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
+        raise ckpt.RunDirectoryError(
+            f"{out_dir} holds a run of a different recipe or settings ({len(changed)} binding(s) differ from its "
+            f"config.gin: {shown}). Resume it with the same recipe and bindings, start over with `energyflow train "
+            "... --fresh` (moves the old run aside) or choose a new --out")
+
+
 def _wrap_ddp(task: Task, device: torch.device) -> DistributedDataParallel:
     """DDP that never re-syncs buffers in forward: state such as a replay buffer is per-rank (all ranks start
     from the same seed; a resumed rank from its own entry of the checkpoint's ``rank_states``). torch >= 2.13
@@ -190,6 +303,7 @@ class _Run:
         self.checkpoints = out_dir / "checkpoints"
         self.notes: list[str] = []  # shown once the monitor exists
         try:
+            check_run_directory(out_dir, config)  # before anything is written
             self.start_step = self._resume()
         except BaseException:  # a refused checkpoint: leave the process group as ``fit`` would
             distributed.shutdown(self.context, synchronize=False)
@@ -204,14 +318,22 @@ class _Run:
                                progress=trainer.progress, active=self.context.is_main)
 
     def _resume(self) -> int:
-        """Load the newest checkpoint in the run directory, if any; return the step to start from."""
-        latest = ckpt.latest_checkpoint(self.checkpoints)
-        if latest is None:
+        """Load the newest checkpoint in the run directory that verifies, if any; return the step to start from."""
+        history = self.out_dir / "history.jsonl"
+        if ckpt.latest_checkpoint(self.checkpoints) is None:
+            recorded = len(ckpt.history_lines(history, math.inf))
+            if recorded:
+                raise ckpt.RunDirectoryError(
+                    f"{self.out_dir} has a history of {recorded} training steps (history.jsonl) but no checkpoints "
+                    f"in {self.checkpoints}: training it would restart from step 0 and overwrite that history. "
+                    "Start over with `energyflow train ... --fresh` (moves this run aside) or choose a new --out")
             return 0
         if not self.t.resume:
-            raise FileExistsError(f"{self.checkpoints} already holds checkpoints and Trainer.resume is False; "
-                                  "choose another output directory or set resume = True")
-        payload = ckpt.load_checkpoint(latest, map_location=self.context.device)
+            raise ckpt.RunDirectoryError(
+                f"{self.checkpoints} already holds checkpoints and Trainer.resume is False; resume it (drop the "
+                "binding), start over with `energyflow train ... --fresh` (moves this run aside) or choose a new --out")
+        latest, payload, skipped = ckpt.load_newest_verified(self.checkpoints, map_location=self.context.device)
+        self.notes.extend(skipped)
         ckpt.check_fingerprint(payload, self.task, latest)
         ckpt.check_rank_states(self.task, payload, world_size=self.context.world_size, path=latest)
         self.task.load_state_dict(payload["task"])  # per-rank modules get rank 0's state here ...
@@ -224,16 +346,21 @@ class _Run:
         self.optimizer.load_state_dict(payload["optimizer"])
         self.stream.load_state_dict(payload["data"])
         if payload["step"] > self.t.num_steps:
-            raise ValueError(f"{latest} is at step {payload['step']}, beyond num_steps={self.t.num_steps}")
+            raise ckpt.RunDirectoryError(f"{latest} is at step {payload['step']}, beyond Trainer.num_steps="
+                                         f"{self.t.num_steps}; give num_steps >= {payload['step']} to resume it")
+        if self.context.is_main:
+            note = ckpt.verify_history(history, int(payload["step"]), payload.get("history_sha256"))
+            if note:
+                self.notes.append(note)
         return int(payload["step"])
 
     def execute(self) -> RunResult:
         if self.context.is_main:
             (self.out_dir / "config.gin").write_text(self.config)
+        for note in self.notes:  # before "resuming": what was skipped explains where it resumes from
+            self.monitor.log(note)
         if self.start_step:
             self.monitor.log(f"resuming {self.out_dir} from step {self.start_step}")
-        for note in self.notes:
-            self.monitor.log(note)
         for step in range(self.start_step, self.t.num_steps):
             metrics = self._train_step(step)
             self._after_step(step, metrics)
@@ -278,7 +405,7 @@ class _Run:
         """Stop before the update if any metric is NaN/Inf (perplexities are derived later, from losses)."""
         for name, value in values.items():
             if not math.isfinite(value):
-                raise TrainingDiverged(step, name, value, ckpt.latest_checkpoint(self.checkpoints))
+                raise TrainingDiverged(step, name, value, ckpt.newest_verified(self.checkpoints))
 
     def _after_step(self, step: int, values: dict[str, float]) -> None:
         done = step + 1
@@ -308,10 +435,12 @@ class _Run:
         rank_states = distributed.all_gather_object(local, self.context)
         rank_states[self.context.rank] = local  # no round trip (on CPU: the tensors of ``task``, saved once)
         if self.context.is_main:
+            history = ckpt.history_digest(ckpt.history_lines(self.out_dir / "history.jsonl", step))
             ckpt.save_checkpoint(ckpt.checkpoint_path(self.checkpoints, step), {
                 "step": step, "fingerprint": ckpt.fingerprint(self.task), "task": self.task.state_dict(),
                 "rank_states": rank_states, "optimizer": self.optimizer.state_dict(),
                 "data": self.stream.state_dict(), "config": self.config,
-                "operative_config": self.operative_config(), "scope": self.scope, "metrics": dict(metrics)})
+                "operative_config": self.operative_config(), "scope": self.scope, "metrics": dict(metrics),
+                "history_sha256": history})
             ckpt.prune_checkpoints(self.checkpoints, self.t.keep_checkpoints)
         distributed.barrier(self.context)

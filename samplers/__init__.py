@@ -5,6 +5,7 @@
 
 ``energy_fn(y: [C, *event]) -> [C]`` or ``[C, S]``; lower is better; chains lead. See docs/samplers.md.
 """
+from samplers.base import SamplerWarning
 from samplers.diagnostics import effective_sample_size, split_rhat, summary_table
 from samplers.energy import EnergyAndGrad, energy_and_grad, log_density
 from samplers.gradient_descent import GradientDescent
@@ -41,6 +42,7 @@ __all__ = [
     "NUTS",
     "Parametrization",
     "RandomizedStepSize",
+    "SamplerWarning",
     "Schedule",
     "SoftmaxParametrization",
     "Target",

@@ -44,10 +44,22 @@ def check_energy_shape(per_position: Tensor, y: Tensor) -> None:
 def check_state(y: Tensor) -> None:
     if not isinstance(y, Tensor):
         raise TypeError(f"the initial state must be a Tensor [C, *event], got {type(y).__name__}")
-    if y.dim() < 1 or y.shape[0] == 0:
+    if y.dim() < 2:
+        raise ValueError(f"the initial state y0 must be [C, *event]: a leading chain dimension, then at least one "
+                         f"event dimension; got shape {tuple(y.shape)}. {_chain_dimension_fix(y)}")
+    if y.shape[0] == 0:
         raise ValueError(f"the initial state must have a leading chain dimension C >= 1, got shape {tuple(y.shape)}")
     if not y.is_floating_point():
         raise TypeError(f"the initial state must be floating point, got {y.dtype}")
+
+
+def _chain_dimension_fix(y: Tensor) -> str:
+    """How to give a 0-d or 1-d initial state its chain (and event) dimension."""
+    if y.dim() == 0:
+        return "For one chain of one value use y0.reshape(1, 1)."
+    n = y.shape[0]
+    return (f"For one chain of {n} values use y0[None] (shape (1, {n})); for {n} chains of one value each, "
+            f"y0[:, None] (shape ({n}, 1)).")
 
 
 def check_finite_start(energy: Tensor, grad: Tensor) -> None:
@@ -63,6 +75,12 @@ def check_finite_start(energy: Tensor, grad: Tensor) -> None:
     if bool(bad_grad.any()):
         chains = bad_grad.nonzero().flatten().tolist()[:10]
         raise ValueError(f"the gradient of the energy is non-finite at the initial state for chains {chains}.")
+
+
+def _not_a_function_of_the_state(observed: str) -> str:
+    return (f"energy_fn(y) does not depend on the state y through autograd ({observed}), so the sampler has no "
+            "gradient to follow. Return a differentiable torch function of the y you are given: no y.detach(), "
+            ".item(), .numpy() or torch.no_grad() on the way from y to the energy, and no constant energy.")
 
 
 def energy_and_grad(
@@ -84,7 +102,14 @@ def energy_and_grad(
         if validate:
             check_energy_shape(per_position, y)
         energy = per_position if per_position.dim() == 1 else per_position.sum(dim=1)
-        (grad,) = torch.autograd.grad(energy.sum(), y_in, create_graph=create_graph)
+        if not energy.requires_grad:  # a Python flag: no host sync
+            raise ValueError(_not_a_function_of_the_state("its output has no autograd graph at all"))
+        # allow_unused: an energy whose graph never reaches y_in gives None (checked below, no host sync)
+        # instead of autograd's "appears to not have been used in the graph" error; same gradient otherwise.
+        (grad,) = torch.autograd.grad(energy.sum(), y_in, create_graph=create_graph, allow_unused=True)
+        if grad is None:
+            raise ValueError(_not_a_function_of_the_state("its graph reaches other tensors (e.g. parameters) "
+                                                          "but not y"))
     if not create_graph:
         energy, per_position, grad = energy.detach(), per_position.detach(), grad.detach()
     return EnergyAndGrad(energy, per_position, grad)

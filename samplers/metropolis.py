@@ -69,6 +69,7 @@ class MetropolisSampler(Sampler):
 
     # Accept/reject is a discrete choice: no gradient flows through it.
     supports_differentiable = False
+    warns_on_divergence = True  # after a run with a warmup (see samplers.base.warn_if_divergent)
 
     def __init__(
         self,

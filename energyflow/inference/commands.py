@@ -1,6 +1,6 @@
-"""The ``generate`` and ``think`` subcommands of ``energyflow`` (registered by ``energyflow.cli``).
+"""The ``generate`` and ``think`` subcommands of ``energyflow`` (their parsers are in ``energyflow.cli``).
 
-    energyflow generate runs/ebt --prompt "The list" --max-new 64 [--samples 4] [--html out.html]
+    energyflow generate runs/ebt --prompt "The list" --max-new 48 [--samples 4] [--html out.html]
     energyflow think runs/ebt --baseline runs/tpp --steps 1,2,4,8,16 --samples 1,4,16 [--data FILE ...]
 """
 from __future__ import annotations
@@ -12,7 +12,6 @@ import time
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import torch
 from rich.console import Console
@@ -21,36 +20,16 @@ from rich.text import Text
 from torch import Tensor
 
 from energyflow.data import pack, text_files
+from energyflow.monitor import progress_bar
 from energyflow.runs import load_run
 from energyflow.inference.generation import Decoding, Generation, generate_baseline, generate_ebt
-from energyflow.inference.sweep import SweepResult, baseline_loss, check_counts, spread_batches, thinking_sweep
+from energyflow.inference.sweep import SweepResult, baseline_loss, spread_batches, thinking_sweep
 from energyflow.inference.optimize import ThinkingConfig
 from energyflow.inference.text import thinking_config
 from energyflow.models import TextEBM
 from energyflow.objectives.components import resolve_num_steps
 from energyflow.tasks.image import DiffusionDenoisingTask, ImageDenoisingTask
 from energyflow.tasks.video import NextFrameEBTTask, NextFrameRegressionTask
-
-Handler = Callable[[argparse.Namespace, Console], int]
-
-
-def _counts(text: str) -> list[int]:
-    try:
-        return check_counts([int(part) for part in text.split(",") if part.strip()], "the list")
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 1,2,4: {error}") from error
-
-
-def _add_thinking_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--step-size", type=float, help="override the run's (learned) step size")
-    parser.add_argument("--noise", type=float, default=0.0, help="Langevin noise scale per step (default 0)")
-    parser.add_argument("--accept-if-lower", action="store_true", help="keep a step only where it lowers the energy")
-    parser.add_argument("--energy-tolerance", type=float, help="freeze a position once |dE| falls below this")
-    parser.add_argument("--grad-tolerance", type=float, help="freeze a position once ||grad E|| falls below this")
-    parser.add_argument("--check-every", type=int, default=4, help="with a tolerance: every that many steps, stop "
-                        "once every position has frozen (one host sync per check; default 4)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random initial states and noise")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
 
 
 def _config(task, args: argparse.Namespace, num_steps: int) -> ThinkingConfig:
@@ -63,70 +42,6 @@ def _config(task, args: argparse.Namespace, num_steps: int) -> ThinkingConfig:
 def _step_index_mode(task) -> str:
     """How the run's objective indexed the steps of a step-conditioned model (``per_step`` before the option)."""
     return getattr(task.objective, "step_index_mode", "per_step")
-
-
-def add_commands(commands: argparse._SubParsersAction) -> None:
-    """Register ``generate`` and ``think`` on the ``energyflow`` command's sub-parsers."""
-    _add_generate(commands)
-    _add_think(commands)
-
-
-def _add_generate(commands: argparse._SubParsersAction) -> None:
-    generate = commands.add_parser("generate", help="continue a prompt with a trained run", description=(
-        "Continue a prompt with a run's newest checkpoint: an EBT thinks (against its cached context) for every "
-        "new token, a Transformer++ decodes with its KV cache. Greedy by default."))
-    generate.add_argument("run_dir", help="a run directory written by `energyflow train`")
-    generate.add_argument("--prompt", required=True, help="the text to continue")
-    generate.add_argument("--max-new", type=int, default=64, help="number of new tokens (bytes) (default 64)")
-    generate.add_argument("--strategy", choices=("greedy", "sample"), default="greedy")
-    generate.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (strategy sample)")
-    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to sample from (strategy sample)")
-    generate.add_argument("--steps", type=int, help="EBT thinking steps per token (default: the run's eval steps)")
-    generate.add_argument("--samples", type=int, default=1, help="EBT candidates per token, best by energy")
-    generate.add_argument("--html", help="EBT: write the continuation coloured by energy to this HTML file")
-    generate.add_argument("--candidates", type=int, default=1, help="Transformer++: continuations to sample (rank "
-                          "them with --rerank-with)")
-    generate.add_argument("--rerank-with", metavar="EBT_RUN_DIR", help="Transformer++: rank the sampled "
-                          "continuations by this EBT's energy")
-    _add_thinking_options(generate)
-    generate.set_defaults(handler=_reporting_errors(run_generate))
-
-
-def _add_think(commands: argparse._SubParsersAction) -> None:
-    think = commands.add_parser("think", help="measure thinking: loss vs steps and samples", description=(
-        "Loss of an EBT run after 1, 2, 4, ... thinking steps and with 1, 4, ... self-verification samples, "
-        "against a Transformer++ run on the same text; prints a table and writes PNG plots and think.json. On an "
-        "image EBT: PSNR vs steps and samples at its noise levels, the energy as uncertainty, a DiT run as "
-        "--baseline, and PNG grids (clean / noisy / EBT steps / DiT). On a video EBT: rollout PSNR per horizon, energy "
-        "vs error and on collisions and bounces, a Transformer++ run as --baseline, a strip PNG and a GIF."))
-    think.add_argument("run_dir", help="an EBT run directory")
-    think.add_argument("--steps", type=_counts, default=[1, 2, 4, 8, 16], help="thinking steps (default 1,2,4,8,16)")
-    think.add_argument("--samples", type=_counts, default=[1, 4, 16], help="candidates per input (default 1,4,16)")
-    think.add_argument("--baseline", help="a Transformer++ run directory (a DiT run for an image EBT): the "
-                       "reference line")
-    think.add_argument("--data", nargs="+", help="text files to evaluate on (default: the run's validation split)")
-    think.add_argument("--batches", type=int, default=2, help="number of batches of windows (default 2)")
-    think.add_argument("--batch-size", type=int, default=4, help="windows per batch (default 4)")
-    think.add_argument("--out", help="where plots and think.json go (default RUN_DIR/think)")
-    think.add_argument("--images", type=int, default=64, help="image/video EBT: held-out images (clips) to think "
-                       "on (default 64)")
-    think.add_argument("--show", type=int, default=6, help="image/video EBT: images (clips) drawn in the PNGs "
-                       "(default 6)")
-    think.add_argument("--jitter", type=float, default=0.05, help="image/video EBT: sd of the re-drawn starts of "
-                       "samples 2..N around the noisy image or the copied frame (default 0.05)")
-    _add_thinking_options(think)
-    think.set_defaults(handler=_reporting_errors(run_think))
-
-
-def _reporting_errors(handler: Handler) -> Handler:
-    """Bad input (a ValueError naming the problem and the fix) becomes a one-line error and exit status 1."""
-    def guarded(args: argparse.Namespace, console: Console) -> int:
-        try:
-            return handler(args, console)
-        except ValueError as error:
-            console.print(Text("error: ", style="bold red") + Text(str(error)))
-            return 1
-    return guarded
 
 
 def _encode_prompt(text: str, device: torch.device) -> Tensor:
@@ -146,6 +61,8 @@ def _check_room(model, prompt: Tensor, max_new: int) -> None:
 
 def run_generate(args: argparse.Namespace, console: Console) -> int:
     result, _, step = load_run(args.run_dir, device=args.device)
+    for note in result.notes:
+        console.print(f"[yellow]{note}[/]")
     task, device = result.task.eval(), result.device
     prompt = _encode_prompt(args.prompt, device)
     _check_room(task.model, prompt, args.max_new)
@@ -232,6 +149,8 @@ def _windows(args: argparse.Namespace, validation: list[Tensor]) -> list[Tensor]
 
 def run_think(args: argparse.Namespace, console: Console) -> int:
     result, _, _ = load_run(args.run_dir, device=args.device)
+    for note in result.notes:
+        console.print(f"[yellow]{note}[/]")
     task = result.task.eval()
     if isinstance(task, ImageDenoisingTask):
         return run_think_images(args, console, result)
@@ -242,12 +161,15 @@ def run_think(args: argparse.Namespace, console: Console) -> int:
                          "`think` needs an EBT, pass the Transformer++ run as --baseline")
     windows = _windows(args, result.validation_windows)
     config = _config(task, args, max(args.steps))
-    run = partial(thinking_sweep, task.model, windows, steps=args.steps, device=result.device, seed=args.seed,
-                  initial_state=task.objective.initial_state, step_index_mode=_step_index_mode(task))
-    sweep = run(config, samples=args.samples)
-    if config.adaptive:  # the same run without tolerances: the fixed step budget it is compared against
-        fixed = run(replace(config, energy_tolerance=None, grad_tolerance=None), samples=args.samples[:1])
-        sweep.fixed_budget_loss = fixed.loss_at(args.samples[0], args.steps[-1])
+    total = len(windows) * (len(args.samples) + (1 if config.adaptive else 0))
+    with progress_bar("think", total, console=console, enabled=not args.no_progress) as advance:
+        run = partial(thinking_sweep, task.model, windows, steps=args.steps, device=result.device, seed=args.seed,
+                      initial_state=task.objective.initial_state, step_index_mode=_step_index_mode(task),
+                      advance=advance)
+        sweep = run(config, samples=args.samples)
+        if config.adaptive:  # the same run without tolerances: the fixed step budget it is compared against
+            fixed = run(replace(config, energy_tolerance=None, grad_tolerance=None), samples=args.samples[:1])
+            sweep.fixed_budget_loss = fixed.loss_at(args.samples[0], args.steps[-1])
     if args.baseline:
         baseline, _, _ = load_run(args.baseline, device=args.device)
         sweep.baseline_loss = baseline_loss(baseline.task.eval().model, windows, baseline.device)
@@ -388,20 +310,33 @@ def baseline_psnr_table(thinking) -> Table:
     return table
 
 
+def _gain(sweep: SweepResult, first: tuple[int, int], second: tuple[int, int]) -> str:
+    """``loss(first) - loss(second)`` ± its standard error over windows (paired), or ``-``."""
+    if first == second or first[0] not in sweep.window_loss or second[0] not in sweep.window_loss:
+        return "-"
+    mean, error = sweep.paired_difference(first, second)
+    return f"{mean:+.4f}" + ("" if error != error else f" ± {error:.4f}")
+
+
 def sweep_table(sweep: SweepResult) -> Table:
-    """Loss after each number of steps, one row per number of samples, plus the reference row."""
+    """Loss after each number of steps, one row per number of samples, plus the reference row; each gain (more
+    steps, more samples) with its standard error over windows, paired by window (positive = better)."""
+    first, last = sweep.steps[0], sweep.steps[-1]
     table = Table(title="thinking: loss (nats/byte) vs steps and self-verification samples")
     table.add_column("samples", justify="right")
     for k in sweep.steps:
         table.add_column(f"{k} step{'s' if k > 1 else ''}", justify="right")
-    table.add_column(f"gain vs 1 sample @{sweep.steps[-1]}", justify="right")
+    table.add_column(f"gain {first} -> {last} steps", justify="right")
+    table.add_column(f"gain vs 1 sample @{last}", justify="right")
     table.add_column("mean steps used", justify="right")
     for n in sweep.samples:
-        gain = sweep.verification_gain(n, sweep.steps[-1])
-        table.add_row(str(n), *(f"{sweep.loss_at(n, k):.4f}" for k in sweep.steps),
-                      "-" if n == 1 or gain != gain else f"{gain:+.4f}", f"{sweep.mean_steps[n]:.2f}")
+        table.add_row(str(n), *(f"{sweep.loss_at(n, k):.4f}" for k in sweep.steps), _gain(sweep, (n, first), (n, last)),
+                      "-" if n == 1 or 1 not in sweep.samples else _gain(sweep, (1, last), (n, last)),
+                      f"{sweep.mean_steps[n]:.2f}")
     if sweep.baseline_loss is not None:
-        table.add_row("Transformer++", *([f"{sweep.baseline_loss:.4f}"] * len(sweep.steps)), "-", "-")
+        table.add_row("Transformer++", *([f"{sweep.baseline_loss:.4f}"] * len(sweep.steps)), "-", "-", "-")
+    table.caption = (f"gains ± standard error over the {len(next(iter(sweep.window_loss.values()))[0])} windows "
+                     "(paired by window)") if sweep.window_loss else None
     return table
 
 

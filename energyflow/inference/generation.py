@@ -62,10 +62,19 @@ def next_token(logits: Tensor, decoding: Decoding, generator: Optional[torch.Gen
 @dataclass
 class Generation:
     """``tokens [B, N]`` generated after the prompt; ``energies [B, N]``: the EBT's final energy of each chosen
-    prediction (``None`` for the baseline)."""
+    prediction (``None`` for the baseline); ``log_probs [B, N]``: the baseline's log-probability of each chosen
+    token under its own distribution at temperature 1, whatever the decoding (``None`` for the EBT)."""
 
     tokens: Tensor
     energies: Optional[Tensor] = None
+    log_probs: Optional[Tensor] = None
+
+    @property
+    def log_likelihood(self) -> Tensor:
+        """``[B]``: the baseline's log-likelihood of each whole continuation (the sum of ``log_probs``)."""
+        if self.log_probs is None:
+            raise ValueError("this generation has no log-probabilities (an EBT generation is scored by energies)")
+        return self.log_probs.sum(dim=1)
 
 
 def _check_prompt(prompt: Tensor, max_new: int) -> None:
@@ -81,15 +90,38 @@ def generate_baseline(model: nn.Module, prompt: Tensor, max_new: int, decoding: 
     """Continue ``prompt [B, P]`` by ``max_new`` tokens with a causal LM (``TransformerPP``)."""
     _check_prompt(prompt, max_new)
     cache = KVCache() if use_cache else None
-    sequence, new_tokens = prompt, []
+    sequence, new_tokens, log_probs = prompt, [], []
     logits = model(prompt, cache)[:, -1]
     for index in range(max_new):
         token = next_token(logits, decoding, generator)
         new_tokens.append(token)
+        log_probs.append(torch.log_softmax(logits.float(), dim=-1).gather(-1, token[:, None]).squeeze(-1))
         sequence = torch.cat((sequence, token[:, None]), dim=1)
         if index < max_new - 1:
             logits = model(token[:, None], cache)[:, -1] if use_cache else model(sequence)[:, -1]
-    return Generation(torch.stack(new_tokens, dim=1))
+    return Generation(torch.stack(new_tokens, dim=1), log_probs=torch.stack(log_probs, dim=1))
+
+
+@torch.no_grad()
+def best_of_n_baseline(model: nn.Module, prompt: Tensor, max_new: int, num_samples: int,
+                       decoding: Decoding = Decoding("sample"), *,
+                       generator: Optional[torch.Generator] = None) -> Generation:
+    """The Transformer++'s own test-time compute: draw ``num_samples`` continuations of each prompt row
+    (one batch of ``B * num_samples`` rows) and keep the one its model finds most likely (the highest sum of
+    temperature-1 log-probabilities). Costs ``num_samples`` forward passes per token; ``num_samples = 1`` is
+    plain decoding. Returns ``tokens [B, max_new]`` and the kept continuation's ``log_probs``."""
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+    if num_samples > 1 and decoding.strategy == "greedy":
+        raise ValueError("best-of-N with greedy decoding draws the same continuation N times; use "
+                         "Decoding('sample', ...) or num_samples=1")
+    _check_prompt(prompt, max_new)
+    drawn = generate_baseline(model, prompt.repeat_interleave(num_samples, dim=0), max_new, decoding,
+                              generator=generator)
+    rows = prompt.shape[0]
+    best = drawn.log_likelihood.view(rows, num_samples).argmax(dim=1)  # ties: the first drawn
+    pick = torch.arange(rows, device=prompt.device) * num_samples + best
+    return Generation(drawn.tokens[pick], log_probs=drawn.log_probs[pick])
 
 
 def generate_ebt(model: nn.Module, prompt: Tensor, max_new: int, config: ThinkingConfig,

@@ -9,7 +9,7 @@ are equally seeded, independent draws.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -94,10 +94,11 @@ def baseline_loss(model: nn.Module, windows: Sequence[Tensor], device: torch.dev
 
 def thinking_sweep(model: nn.Module, windows: Sequence[Tensor], config: ThinkingConfig, *, steps: Sequence[int],
                    samples: Sequence[int], device: torch.device, seed: int = 0,
-                   initial_state: Optional[InitialState] = None, step_index_mode: str = "per_step") -> SweepResult:
+                   initial_state: Optional[InitialState] = None, step_index_mode: str = "per_step",
+                   advance: Optional[Callable[[int], None]] = None) -> SweepResult:
     """Run ``config`` (its ``num_steps`` replaced by ``max(steps)``) with each sample count over ``windows``
     (a list of ``[B, S+1]`` batches; every window weighs the same in the means); ``step_index_mode``: the
-    trained objective's, for a step-conditioned model."""
+    trained objective's, for a step-conditioned model; ``advance(1)`` after each batch of each sample count."""
     steps, samples = check_counts(steps, "steps"), check_counts(samples, "samples")
     if not windows:
         raise ValueError("thinking_sweep needs at least one batch of windows")
@@ -115,6 +116,8 @@ def thinking_sweep(model: nn.Module, windows: Sequence[Tensor], config: Thinking
             window_losses.append(_pad(losses, steps[-1] + 1).mean(dim=2))  # [K+1, B]
             energy_sum = energy_sum + _pad(energies, steps[-1] + 1).mean(dim=(1, 2))
             steps_sum += float(verified.thinking.mean_steps())
+            if advance is not None:
+                advance(1)
         per_window = torch.cat(window_losses, dim=1)  # [K+1, W]
         result.window_loss[num_samples] = per_window.tolist()
         result.loss[num_samples] = per_window.mean(dim=1).tolist()

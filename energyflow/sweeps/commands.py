@@ -1,4 +1,4 @@
-"""The ``sweep`` and ``report`` subcommands of ``energyflow`` (registered by ``energyflow.cli``).
+"""The ``sweep`` and ``report`` subcommands of ``energyflow`` (their parsers are in ``energyflow.cli``).
 
     energyflow sweep experiments/ebt_system1_debug.gin --axis "GradientDescent.step_size = [10.0, 50.0]" \\
         --seeds 0,1 --out sweeps/step --workers 2
@@ -14,63 +14,8 @@ from rich.console import Console
 
 from energyflow.config import resolve_recipe
 from energyflow.sweeps.report import write_report
-from energyflow.sweeps.runner import ENGINES, run_sweep, write_manifest
+from energyflow.sweeps.runner import run_sweep, write_manifest
 from energyflow.sweeps.spec import SweepError, expand, load_sweep_file, parse_axis, parse_seeds, validate
-
-
-def _steps(text: str) -> list[int]:
-    try:
-        steps = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 1,2,4,8: {text!r}") from error
-    if not steps or min(steps) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 1,2,4,8: {text!r}")
-    return steps
-
-
-def add_commands(commands: argparse._SubParsersAction) -> None:
-    sweep = commands.add_parser("sweep", help="train a grid of trials (local processes or Ray)", description=(
-        "Train every combination of --axis values (a grid, or --zip pairs) once per seed, each an ordinary run "
-        "directory OUT/<trial> trained as `energyflow train` would with the trial's bindings; resumable (finished "
-        "trials are skipped, killed ones resume); ends with `energyflow report OUT`. RECIPE may be a sweep recipe "
-        "(recipes/sweeps/*.gin) naming its base recipe, axes and seeds."))
-    sweep.add_argument("recipe", help="a recipe (e.g. experiments/quickstart_debug.gin) or a sweep recipe")
-    sweep.add_argument("--axis", action="append", default=[], metavar="'NAME = [v1, v2]'",
-                       help="a macro or configurable.parameter and its gin values (repeatable)")
-    sweep.add_argument("--bind", action="append", default=[], metavar="BINDING",
-                       help="a gin binding for every trial, not an axis (e.g. a shorter NUM_STEPS; repeatable)")
-    sweep.add_argument("--zip", action="store_true", help="pair the axes value by value instead of a grid")
-    sweep.add_argument("--seeds", help="comma-separated seeds (Trainer.seed), default 0 (or the sweep recipe's)")
-    sweep.add_argument("--out", required=True, help="the sweep directory (rerun the same command to resume)")
-    sweep.add_argument("--workers", type=int, default=1, help="local engine: trials at once (default 1)")
-    sweep.add_argument("--threads-per-trial", type=int, help="torch threads per trial (default: cores / workers "
-                       "locally, --cpus-per-trial on Ray)")
-    sweep.add_argument("--engine", choices=ENGINES, default="local", help="local processes (default) or Ray")
-    sweep.add_argument("--address", help="Ray: the cluster address (e.g. auto, ray://head:10001); default: start a "
-                       "local Ray instance")
-    sweep.add_argument("--cpus-per-trial", type=float, default=1.0, help="Ray: CPUs per trial (default 1)")
-    sweep.add_argument("--gpus-per-trial", type=float, default=0.0, help="Ray: GPUs per trial (default 0)")
-    sweep.add_argument("--eval-steps", type=_steps, default=[1, 2, 4, 8],
-                       help="step counts EBT trials are evaluated at (default 1,2,4,8)")
-    sweep.add_argument("--metric", action="append", default=[], help="metrics of the closing report (repeatable)")
-    sweep.set_defaults(handler=_guarded(run_sweep_command))
-    report = commands.add_parser("report", help="mean ± standard error over seeds of a sweep", description=(
-        "Per combination of axis values: mean ± standard error over seeds of the chosen validation metrics (default "
-        "the tasks' own), per run and step count; writes report.json, report.md and plots/."))
-    report.add_argument("sweep_dir", help="a directory written by `energyflow sweep`")
-    report.add_argument("--metric", action="append", default=[], help="a metric to report (repeatable)")
-    report.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    report.set_defaults(handler=_guarded(run_report_command))
-
-
-def _guarded(handler):
-    def run(args: argparse.Namespace, console: Console) -> int:
-        try:
-            return handler(args, console)
-        except SweepError as error:
-            console.print(f"[bold red]error:[/] {error}")
-            return 1
-    return run
 
 
 def run_sweep_command(args: argparse.Namespace, console: Console) -> int:

@@ -4,9 +4,7 @@ is checked is that every operation ran, the ratios are ratios to one DiT pass, a
 ``energyflow eval``'s numbers."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import gin
 import pytest
@@ -14,23 +12,15 @@ import pytest
 from energyflow.configurables import parse_recipe
 
 pytest.importorskip("sklearn", reason="the images extra: pip install 'energyflow[images]'")
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "image_denoising.py"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("image_denoising_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_tiny_run_writes_speed_and_quality(tmp_path):
+def test_tiny_run_writes_speed_and_quality(tmp_path, load_script):
     runs = tmp_path / "runs"
     gin.clear_config()
     parse_recipe("experiments/image_denoising_debug.gin", ["Trainer.progress = False", f"OUT_DIR = '{runs}'"])
     compared = gin.get_configurable("launch")()
     gin.clear_config()
-    benchmark = _load()
+    benchmark = load_script("benchmarks/image_denoising.py", "image_denoising_benchmark")
     out = tmp_path / "results"
     assert benchmark.main(["--size", "4xs", "--image-size", "8", "--patch-size", "2", "--batch", "2", "--rounds", "2",
                            "--runs", str(runs), "--out", str(out)]) == 0

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from energyflow.checkpoint import (CheckpointError, check_fingerprint, check_rank_states, checkpoint_path, fingerprint,
+from energyflow.checkpoint import (CheckpointError, check_fingerprint, check_rank_states, checkpoint_path, checksum_path,
+                                   fingerprint,
                                    list_checkpoints, load_checkpoint, per_rank_modules, prune_checkpoints, rank_state,
                                    restore_rank_state, save_checkpoint)
 from energyflow.objectives import ContrastiveDivergence, PersistentChains, ReplayBuffer
@@ -21,7 +22,7 @@ def _payload(task):
 def test_round_trip_with_weights_only_and_no_temporary_left(tmp_path, make_task):
     task = make_task()
     path = save_checkpoint(checkpoint_path(tmp_path, 3), _payload(task))
-    assert [p.name for p in tmp_path.iterdir()] == ["step_00000003.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003.pt", "step_00000003.pt.sha256"]
     raw = torch.load(path, weights_only=True)  # what any user can do, with no pickle of code
     assert raw["config"] == "x = 1\n"
     payload = load_checkpoint(path)
@@ -39,6 +40,9 @@ def test_truncated_or_foreign_checkpoint_is_refused(tmp_path, make_task):
     path = save_checkpoint(checkpoint_path(tmp_path, 3), _payload(make_task()))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt: its SHA-256 differs"):  # caught by its checksum
+        load_checkpoint(path)
+    checksum_path(path).unlink()  # a checkpoint from before checksums: torch's own reading still refuses it
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         load_checkpoint(path)
     other = tmp_path / "other.pt"

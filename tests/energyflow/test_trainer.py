@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from energyflow.checkpoint import list_checkpoints, load_checkpoint
+from energyflow.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from energyflow.distributed import resolve_device
 from energyflow.tasks import LanguageModelTask
 from energyflow.trainer import TrainingDiverged
@@ -59,7 +59,7 @@ def test_nan_guard_names_step_and_metric_and_keeps_the_last_good_checkpoint(tmp_
         make_trainer(checkpoint_every=2).fit(task, tiny_data, tmp_path)
     good = tmp_path / "checkpoints" / "step_00000004.pt"
     assert caught.value.last_checkpoint == good and str(good) in str(caught.value)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002.pt", "step_00000004.pt"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt")) == ["step_00000002.pt", "step_00000004.pt"]
     payload = load_checkpoint(good)
     assert payload["step"] == 4 and all(torch.isfinite(v).all() for v in payload["task"].values())
     # The NaN step's update was not applied: the live weights are still the checkpointed ones.
@@ -103,7 +103,7 @@ def test_checkpoints_cadence_keep_and_resume_flag(tmp_path, make_task, make_trai
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000004.pt", "step_00000006.pt"]
     payload = load_checkpoint(tmp_path / "checkpoints" / "step_00000006.pt")
     assert payload["config"] == "a = 1\n" and payload["data"]["position"] == 6 * 4
-    with pytest.raises(FileExistsError, match="resume is False"):
+    with pytest.raises(CheckpointError, match="resume is False"):
         make_trainer(resume=False).fit(make_task(), tiny_data, tmp_path)
     with pytest.raises(Exception, match="different model"):
         make_trainer().fit(make_task(dim=64), tiny_data, tmp_path)

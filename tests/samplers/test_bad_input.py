@@ -1,9 +1,12 @@
 """Bad input fails at entry with an error that names the problem and the fix; a chain that wanders into a
-non-finite region is handled per chain (see also test_hmc / test_mala / test_langevin)."""
+non-finite region is handled per chain (see also test_hmc / test_mala / test_langevin); a run whose adapted
+step size diverges warns."""
+import warnings
+
 import pytest
 import torch
 
-from samplers import HMC, MALA, GradientDescent, Langevin
+from samplers import HMC, MALA, NUTS, GradientDescent, Langevin, SamplerWarning
 
 SAMPLERS = {
     "gradient_descent": lambda step_size=0.1: GradientDescent(step_size),
@@ -12,6 +15,8 @@ SAMPLERS = {
     "hmc": lambda step_size=0.1: HMC(step_size, 2),
 }
 Y0 = torch.zeros(4, 3)
+# The per-chain samplers above and pyro's NUTS (one chain at a time; tiny trees keep it fast).
+WITH_NUTS = {**SAMPLERS, "nuts": lambda step_size=0.1: NUTS(step_size, max_tree_depth=2)}
 
 
 def energy_fn(y: torch.Tensor) -> torch.Tensor:
@@ -87,3 +92,79 @@ def test_bad_inverse_mass_and_temperature():
         HMC(inverse_mass=torch.ones(2)).run(energy_fn, Y0, num_steps=2)
     with pytest.raises(ValueError, match="temperature"):
         Langevin(0.1, temperature=-1.0).run(energy_fn, Y0, num_steps=2)
+
+
+@pytest.mark.parametrize("name", WITH_NUTS)
+@pytest.mark.parametrize("y0,fix", [(torch.zeros(3), r"For one chain of 3 values use y0\[None\] \(shape \(1, 3\)\); "
+                                                     r"for 3 chains of one value each, y0\[:, None\] \(shape \(3, 1\)\)"),
+                                    (torch.tensor(0.0), r"For one chain of one value use y0.reshape\(1, 1\)")])
+def test_start_without_a_chain_dimension(name, y0, fix):
+    shape = str(tuple(y0.shape)).replace("(", r"\(").replace(")", r"\)")
+    message = rf"initial state y0 must be \[C, \*event\].*got shape {shape}\. {fix}"
+    with pytest.raises(ValueError, match=message):
+        WITH_NUTS[name]().run(energy_fn, y0, num_steps=2)
+
+
+weight = torch.tensor(2.0, requires_grad=True)
+INDEPENDENT = {  # energies that ignore their input, and what the error says it saw
+    "constant": (lambda y: torch.ones(y.shape[0]), "its output has no autograd graph at all"),
+    "detached": (lambda y: energy_fn(y.detach()), "its output has no autograd graph at all"),
+    "no_grad": (lambda y: torch.no_grad()(energy_fn)(y), "its output has no autograd graph at all"),
+    "item": (lambda y: torch.tensor([float(e.item()) for e in energy_fn(y)]), "its output has no autograd graph at all"),
+    "numpy": (lambda y: torch.from_numpy(energy_fn(y).detach().numpy()), "its output has no autograd graph at all"),
+    "parameters_only": (lambda y: weight * torch.ones(y.shape[0]), "its graph reaches other tensors .* but not y"),
+}
+
+
+@pytest.mark.parametrize("name", WITH_NUTS)
+@pytest.mark.parametrize("energy", INDEPENDENT)
+def test_energy_that_does_not_depend_on_the_state(name, energy):
+    fn, observed = INDEPENDENT[energy]
+    message = rf"energy_fn\(y\) does not depend on the state y through autograd \({observed}\).*no y.detach\(\)"
+    with pytest.raises(ValueError, match=message):
+        WITH_NUTS[name]().run(fn, Y0, num_steps=2)
+
+
+@pytest.mark.parametrize("name", ["gradient_descent", "langevin"])
+def test_energy_that_does_not_depend_on_the_state_in_differentiable_mode(name):
+    for fn, observed in INDEPENDENT.values():
+        with pytest.raises(ValueError, match=rf"does not depend on the state y through autograd \({observed}\)"):
+            SAMPLERS[name]().run(fn, Y0, num_steps=2, differentiable=True)
+
+
+SCALES = torch.logspace(0, 4, 4, dtype=torch.float64)  # curvatures 1 .. 1e4: a stiff Gaussian
+
+
+def stiff_energy(y: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (SCALES * y.square()).sum(dim=1)
+
+
+METROPOLIS = {"hmc": lambda step_size: HMC(step_size, 5), "mala": lambda step_size: MALA(step_size)}
+
+
+@pytest.mark.parametrize("name", METROPOLIS)
+@pytest.mark.parametrize("thin", [1, 5])
+def test_a_warmup_adapted_into_divergence_warns(name, thin):
+    """A 3-step warmup from a step size 500 times too large for the stiffest direction: every kept transition
+    diverges. The rate counts every transition, thinned away or not."""
+    y0 = torch.zeros(8, 4, dtype=torch.float64)
+    sampler = METROPOLIS[name](5.0)
+    message = (rf"{sampler.__class__.__name__}: 400 of 400 post-warmup transitions diverged \(100.0%, above the 1%"
+               r".*8 of 8 chains.*longer warmup \(this run had 3\), a higher target_accept .* smaller initial step_size")
+    with pytest.warns(SamplerWarning, match=message):
+        trace = sampler.run(stiff_energy, y0, num_steps=50, warmup=3, thin=thin, generator=torch.Generator().manual_seed(0))
+    assert trace.num_divergent().sum() == 400 // thin  # the run still returns its (flagged) draws
+
+
+@pytest.mark.parametrize("name", METROPOLIS)
+def test_healthy_runs_do_not_warn(name):
+    """The same stiff Gaussian with a 40-step warmup adapts cleanly; a fixed step size without warmup is the
+    caller's own choice (its divergences are in info["divergent"], unwarned)."""
+    y0 = torch.zeros(8, 4, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SamplerWarning)
+        adapted = METROPOLIS[name](5.0).run(stiff_energy, y0, num_steps=50, warmup=40,
+                                            generator=torch.Generator().manual_seed(0))
+        fixed = METROPOLIS[name](5.0).run(stiff_energy, y0, num_steps=50, generator=torch.Generator().manual_seed(0))
+    assert adapted.num_divergent().sum() == 0
+    assert fixed.num_divergent().sum() == 400

@@ -95,6 +95,8 @@ def test_no_host_sync_after_entry_validation(monkeypatch):
     for module in (samplers.gradient_descent, samplers.langevin, samplers.metropolis):
         monkeypatch.setattr(module, "check_positive", lambda *args, **kwargs: None)
     monkeypatch.setattr(samplers.base, "check_finite_start", lambda *args: None)
+    # The end-of-run divergence check reads one value, after the loop (test_one_sync_after_the_loop).
+    monkeypatch.setattr(samplers.base, "warn_if_divergent", lambda *args: None)
     for name in ("__bool__", "item", "tolist", "__float__", "__int__", "__index__", "cpu", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, no_sync)
     with pytest.raises(RuntimeError, match="host sync"):
@@ -107,3 +109,29 @@ def test_no_host_sync_after_entry_validation(monkeypatch):
         assert trace.states.shape == (15, 6, 4)
     trace = GradientDescent(0.1, learnable=True)(energy_fn, y0, num_steps=3, differentiable=True, truncate=2)
     assert trace.states.requires_grad
+
+
+@pytest.mark.parametrize("make", [lambda: MALA(0.1), lambda: HMC(0.1, 3)])
+def test_one_sync_after_the_loop(monkeypatch, make):
+    """Past entry validation, a Metropolis run with a warmup reads exactly one tensor on the host (its
+    divergence count, after the loop: samplers.base.warn_if_divergent), whatever its length; without a
+    warmup, none."""
+    import samplers.base
+    import samplers.metropolis
+
+    monkeypatch.setattr(samplers.metropolis, "check_positive", lambda *args, **kwargs: None)
+    monkeypatch.setattr(samplers.base, "check_finite_start", lambda *args: None)
+    reads = []
+    for name in ("__bool__", "item", "tolist", "__float__", "__int__", "__index__", "cpu", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    y0, generator = torch.zeros(6, 4), torch.Generator().manual_seed(0)
+    for num_steps, warmup, expected in ((10, 5, 1), (40, 30, 1), (10, 0, 0)):
+        reads.clear()
+        make().run(energy_fn, y0, num_steps=num_steps, warmup=warmup, thin=2, generator=generator)
+        assert reads == ["tolist"] * expected, (num_steps, warmup, reads)

@@ -103,6 +103,9 @@ def test_step_matches_a_hand_computed_transition():
     torch.testing.assert_close(info.acceptance_prob, torch.exp(-error).clamp(max=1).reshape(1))
 
 
+# A 20-step warmup adapts two of the four chains into divergence (rightly warned about); this test is
+# about reproducibility only.
+@pytest.mark.filterwarnings("ignore::samplers.SamplerWarning")
 def test_same_generator_same_trajectory_and_dtype_follows_y0():
     y0 = torch.zeros(4, 4, dtype=torch.float64)
     runs = [HMC(0.3, 3).run(gaussian_energy, y0, num_steps=20, warmup=20, generator=torch.Generator().manual_seed(3))

@@ -2,26 +2,18 @@
 debug EBT (2 variants x 2 seeds)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from energyflow.cli import main
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "ablation_thinking.py"
 
-
-def test_gains_per_variant_are_the_trials_own_losses(tmp_path):
+def test_gains_per_variant_are_the_trials_own_losses(tmp_path, load_script):
     out = tmp_path / "sweep"
     assert main(["sweep", "experiments/ebt_system1_debug.gin", "--axis", "GradientDescent.step_size = [5.0, 20.0]",
                  "--seeds", "0,1", "--out", str(out), "--workers", "2", "--threads-per-trial", "1"]) == 0
-    spec = importlib.util.spec_from_file_location("ablation_thinking", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = script
-    spec.loader.exec_module(script)
+    script = load_script("scripts/ablation_thinking.py")
     assert script.main([str(out), "--steps", "1", "3", "--batches", "1", "--batch-size", "2"]) == 0
     payload = json.loads((out / "thinking.json").read_text())
     # without a variant axis every trial is its own row

@@ -1,27 +1,14 @@
 """``scripts/scaling_fit.py``: slopes recovered from a known power law, their intervals, the FLOP count."""
 from __future__ import annotations
 
-import importlib.util
 import math
 import random
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "scaling_fit.py"
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("scaling_fit", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_a_power_law_slope_is_recovered_with_an_honest_interval():
-    script = _load()
+def test_a_power_law_slope_is_recovered_with_an_honest_interval(load_script):
+    script = load_script("scripts/scaling_fit.py")
     x = [1e4, 2e4, 4e4, 8e4] * 3
     exact = script.fit_slope(x, [5.0 * v ** -0.2 for v in x])
     assert exact.slope == pytest.approx(-0.2, abs=1e-12) and exact.stderr == pytest.approx(0.0, abs=1e-12)
@@ -37,14 +24,14 @@ def test_a_power_law_slope_is_recovered_with_an_honest_interval():
         script.fit_slope([1.0, 2.0], [1.0, 2.0])
 
 
-def test_the_ebt_flop_count_is_seven_transformer_passes_at_two_steps():
-    script = _load()
+def test_the_ebt_flop_count_is_seven_transformer_passes_at_two_steps(load_script):
+    script = load_script("scripts/scaling_fit.py")
     base = script.training_flops("baseline", 1000.0, 10_000, 2, 64, 128)
     assert base == pytest.approx(3 * (2 * 10_000 + 2 * 2 * 64 * 128) * 1000.0)
     assert script.training_flops("ebt", 1000.0, 10_000, 2, 64, 128, descent_steps=2) == pytest.approx(7 * base)
 
 
-def test_a_tiny_data_sweep_is_fitted_end_to_end(tmp_path):
+def test_a_tiny_data_sweep_is_fitted_end_to_end(tmp_path, load_script):
     """Three budgets of the quickstart's debug variant through `energyflow sweep`, then the fit: every run is
     rebuilt, counted (tokens = steps x batch x context) and fitted."""
     import json
@@ -54,7 +41,7 @@ def test_a_tiny_data_sweep_is_fitted_end_to_end(tmp_path):
     out = tmp_path / "sweep"
     assert main(["sweep", "experiments/quickstart_debug.gin", "--axis", "NUM_STEPS = [2, 4, 8]", "--bind",
                  "compare.eval_steps = [2]", "--out", str(out), "--threads-per-trial", "1"]) == 0
-    script = _load()
+    script = load_script("scripts/scaling_fit.py")
     assert script.main([str(out)]) == 0
     payload = json.loads((out / "scaling.json").read_text())
     tokens = sorted({p["tokens"] for p in payload["points"] if p["model"] == "baseline"})

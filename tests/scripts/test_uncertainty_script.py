@@ -2,26 +2,15 @@
 are known (a model whose logits are all zero predicts the uniform distribution over the 256 bytes)."""
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import torch
 
 from architectures import TransformerConfig, TransformerPP
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "uncertainty_vs_baseline.py"
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("uncertainty_vs_baseline", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_free_signals_of_a_uniform_predictor():
-    script = _load()
+def test_the_free_signals_of_a_uniform_predictor(load_script):
+    script = load_script("scripts/uncertainty_vs_baseline.py")
     model = TransformerPP(TransformerConfig(dim=16, num_layers=1, num_heads=2, max_seq_len=8), 256)
     with torch.no_grad():
         model.head.proj.weight.zero_()  # every logit 0: the uniform distribution
