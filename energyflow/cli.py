@@ -152,8 +152,8 @@ def _add_think(commands: argparse._SubParsersAction) -> None:
                        "reference line")
     think.add_argument("--data", nargs="+", help="text files to evaluate on (default: the run's validation split)")
     think.add_argument("--batches", type=int, default=4, help="number of batches of windows (default 4)")
-    think.add_argument("--batch-size", type=int, default=8, help="windows per batch (default 8: 32 windows, enough "
-                       "for a standard error of the gains of about a tenth of the quickstart's thinking gain)")
+    think.add_argument("--batch-size", type=int, default=8, help="windows per batch (default 8: 32 windows in all; "
+                       "the table prints each gain's standard error, so raise these until the gain you read is resolved)")
     think.add_argument("--out", help="where plots and think.json go (default RUN_DIR/think)")
     think.add_argument("--images", type=int, default=64, help="image/video EBT: held-out images (clips) to think "
                        "on (default 64)")
@@ -201,6 +201,37 @@ def _add_sweeps(commands: argparse._SubParsersAction) -> None:
     report.set_defaults(handler="energyflow.sweeps.commands:run_report_command")
 
 
+def _add_text_at_scale(commands: argparse._SubParsersAction) -> None:
+    tokenizer = commands.add_parser("tokenizer", help="train a byte-level BPE tokenizer on local text", description=(
+        "Tokenizers for text at scale: `tokenizer train` fits a byte-level BPE (Hugging Face tokenizers, the hf "
+        "extra) on local files and saves a tokenizer.json; any tokenizer.json you have (e.g. GPT-NeoX's) works too."))
+    actions = tokenizer.add_subparsers(dest="action", required=True, metavar="ACTION")
+    train = actions.add_parser("train", help="fit a byte-level BPE on local text files")
+    train.add_argument("files", nargs="+", help="text files")
+    train.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, special token included")
+    train.add_argument("--min-frequency", type=int, default=2, help="least count of a merged pair (default 2)")
+    train.add_argument("--out", required=True, help="the tokenizer.json to write")
+    train.set_defaults(handler="energyflow.data.commands:run_tokenizer_train")
+    prepare = commands.add_parser("prepare", help="tokenize a corpus into memory-mapped shards", description=(
+        "Tokenize documents into uint16/uint32 token shards plus meta.json, with a deterministic validation split "
+        "by document; resumable (rerun the same command after a crash). SOURCE: text files (split into documents "
+        "at blank lines), JSONL files (--field), or hf:DATASET (a Hugging Face dataset, read streaming)."))
+    prepare.add_argument("source", nargs="+", help="text or JSONL files, or hf:DATASET")
+    prepare.add_argument("--tokenizer", required=True, help="a tokenizer.json")
+    prepare.add_argument("--out", required=True, help="the corpus directory")
+    prepare.add_argument("--format", choices=("auto", "text", "jsonl"), default="auto",
+                         help="how to read files (default: jsonl for .jsonl/.json, else text)")
+    prepare.add_argument("--field", default="text", help="JSONL / dataset field holding the text (default text)")
+    prepare.add_argument("--split", default="train", help="hf: the dataset split (default train)")
+    prepare.add_argument("--config", help="hf: the dataset configuration name")
+    prepare.add_argument("--data-files", nargs="+", help="hf: local data files (e.g. hf:json --data-files x.jsonl)")
+    prepare.add_argument("--validation-fraction", type=float, default=0.01,
+                         help="share of documents in the validation split (default 0.01)")
+    prepare.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard (default 16M)")
+    prepare.add_argument("--no-progress", action="store_true", help="no progress display")
+    prepare.set_defaults(handler="energyflow.data.commands:run_prepare")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="energyflow", description="Energy-based modeling: train, evaluate and "
                                      "list gin recipes.")
@@ -235,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(commands)
     _add_think(commands)
     _add_sweeps(commands)
+    _add_text_at_scale(commands)
     return parser
 
 

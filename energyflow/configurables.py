@@ -14,6 +14,7 @@ import gin
 import architectures
 import samplers
 from energyflow import config, data, experiment, optim, tasks, trainer
+from energyflow.data import tokens as _tokens
 
 
 def _register(module: str, *objects: Any) -> None:
@@ -25,6 +26,7 @@ def _register(module: str, *objects: Any) -> None:
 _register("energyflow.data", data.pydoc_corpus, data.text_files, data.hf_corpus, data.text_data, data.gaussian_data,
           data.photo_patches, data.digits_images, data.image_folder, data.hf_images, data.moving_digits,
           data.bouncing_shapes, data.npy_clips)
+_register("energyflow.data.tokens", _tokens.token_shards, _tokens.corpus_vocab_size, _tokens.tokenizer_vocab_size)
 
 # --------------------------------------------------------------------------------------------- tasks
 _register("energyflow.tasks", tasks.LanguageModelTask)

@@ -1,5 +1,6 @@
 """Thinking sweeps (loss vs steps and samples) and their plots."""
 import builtins
+import io
 import json
 
 import pytest
@@ -94,3 +95,31 @@ def test_spread_batches_cover_the_whole_set_and_refuse_too_little_text():
     assert [b[:, 0].tolist() for b in batches] == [[0, 3], [6, 9]]
     with pytest.raises(ValueError, match="cannot fill"):
         spread_batches(windows, 3, 4)
+
+
+def test_every_gain_in_the_table_carries_its_paired_standard_error_and_progress_counts_every_batch():
+    from rich.console import Console
+
+    from energyflow.monitor import progress_bar
+
+    model = tiny_text_ebm()
+    calls = []
+    windows = _windows() + _windows(1)
+    sweep = thinking_sweep(model, windows, ThinkingConfig(num_steps=1, step_size=300.0), steps=[1, 4],
+                           samples=[1, 2], device=torch.device("cpu"), advance=calls.append)
+    assert calls == [1] * (len(windows) * 2)  # one call per batch per sample count
+    console = Console(width=300, record=True)
+    console.print(sweep_table(sweep))
+    text = console.export_text()
+    steps_gain, steps_error = sweep.paired_difference((1, 1), (1, 4))
+    samples_gain, samples_error = sweep.paired_difference((1, 4), (2, 4))
+    assert f"{steps_gain:+.4f} ± {steps_error:.4f}" in text
+    assert f"{samples_gain:+.4f} ± {samples_error:.4f}" in text
+    assert "over the 8 windows (paired by window)" in text
+    # the bar itself: advanced to its total on a terminal, a no-op when disabled
+    terminal = Console(file=io.StringIO(), force_terminal=True, width=120)
+    with progress_bar("think", 3, console=terminal) as advance:
+        for _ in range(3):
+            advance()
+    with progress_bar("think", 3, enabled=False) as advance:
+        advance()
