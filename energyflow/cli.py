@@ -232,6 +232,26 @@ def _add_text_at_scale(commands: argparse._SubParsersAction) -> None:
     prepare.set_defaults(handler="energyflow.data.commands:run_prepare")
 
 
+def _add_evaluate_task(commands: argparse._SubParsersAction) -> None:
+    evaluate = commands.add_parser("evaluate-task", help="downstream accuracy on a local JSONL set", description=(
+        "Downstream evaluation on a local JSONL file: lambada (last-word accuracy: {\"text\": ...}) or choice "
+        "(multiple choice: {\"context\": ..., \"choices\": [...], \"answer\": i}); the EBT ranks choices by "
+        "energy (or, --score thinking, by its likelihood after thinking), the Transformer++ by likelihood; give "
+        "--baseline for the two side by side."))
+    evaluate.add_argument("run_dir", help="a text EBT or Transformer++ run directory")
+    evaluate.add_argument("--task", choices=("lambada", "choice"), required=True)
+    evaluate.add_argument("--data", required=True, help="the JSONL file")
+    evaluate.add_argument("--baseline", help="a second run scored on the same examples (e.g. the Transformer++)")
+    evaluate.add_argument("--score", choices=("energy", "thinking"), default="energy",
+                          help="choice, EBT: rank by the choices' mean energy (default) or by their likelihood "
+                          "under its predictions after thinking")
+    evaluate.add_argument("--steps", type=int, help="EBT thinking steps (default: the run's trained count)")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    evaluate.add_argument("--json", help="also write the scores to this JSON file")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    evaluate.set_defaults(handler="energyflow.inference.downstream:run_evaluate_task")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="energyflow", description="Energy-based modeling: train, evaluate and "
                                      "list gin recipes.")
@@ -267,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_think(commands)
     _add_sweeps(commands)
     _add_text_at_scale(commands)
+    _add_evaluate_task(commands)
     return parser
 
 

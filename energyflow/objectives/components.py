@@ -111,15 +111,67 @@ def _at_least_float32(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+class _StateCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits ``[N, V]`` against ``targets [N]`` with label smoothing ``eps`` (the same value
+    as ``F.cross_entropy``), saving only the logits for backward: the EBT's states are kept alive by the
+    descent's graph anyway, so the loss at each step costs no extra ``[B, S, V]`` tensor (``F.cross_entropy``
+    saves its log-softmax, one more full-vocabulary tensor per step, two with the float32 copy under bf16).
+    Forward and backward run over row chunks, so the softmax is never materialized whole. The backward is first
+    order (the outer loss is differentiated once); differentiating it again is refused."""
+
+    CHUNK = 1 << 24  # elements of logits per chunk (64 MiB of float32)
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, eps: float) -> Tensor:
+        rows, vocab = logits.shape
+        step = max(1, _StateCrossEntropy.CHUNK // max(vocab, 1))
+        total = torch.zeros((), dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32,
+                            device=logits.device)
+        for start in range(0, rows, step):
+            chunk = _at_least_float32(logits[start:start + step])
+            log_z = torch.logsumexp(chunk, dim=-1)
+            picked = chunk.gather(-1, targets[start:start + step, None]).squeeze(-1)
+            nll = log_z - picked
+            if eps:
+                nll = (1.0 - eps) * nll + eps * (log_z - chunk.mean(dim=-1))
+            total = total + nll.sum()
+        ctx.save_for_backward(logits, targets)
+        ctx.eps = eps
+        return (total / rows).to(_at_least_float32(logits[:1]).dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: Tensor):
+        logits, targets = ctx.saved_tensors
+        rows, vocab = logits.shape
+        step = max(1, _StateCrossEntropy.CHUNK // max(vocab, 1))
+        grad = torch.empty_like(logits)
+        scale = grad_output / rows
+        for start in range(0, rows, step):
+            chunk = _at_least_float32(logits[start:start + step])
+            part = torch.softmax(chunk, dim=-1)
+            if ctx.eps:
+                part = part - ctx.eps / vocab
+            part.scatter_add_(-1, targets[start:start + step, None],
+                              torch.full_like(part[:, :1], -(1.0 - ctx.eps)))
+            grad[start:start + step] = (part * scale).to(logits.dtype)
+        return grad, None, None
+
+
 class CrossEntropy:
-    """Task loss for a state of logits [B, S, V] against token targets [B, S] (mean over positions)."""
+    """Task loss for a state of logits [B, S, V] against token targets [B, S] (mean over positions).
+
+    ``fused`` (default): ``_StateCrossEntropy``, which saves no tensor beyond the state itself (the same value and
+    gradient as ``F.cross_entropy`` to rounding; ``benchmarks/vocabulary.py`` measures the memory it saves);
+    ``fused=False``: ``F.cross_entropy``."""
 
     supports_label_smoothing = True
 
-    def __init__(self, target_logit: float = 20.0):
+    def __init__(self, target_logit: float = 20.0, fused: bool = True):
         # The contrastive term needs the ground truth as a *state*: logits whose softmax is the one-hot
         # target to float32 precision (exp(-20) ~ 2e-9 mass off target per token).
         self.target_logit = float(target_logit)
+        self.fused = bool(fused)
 
     def __call__(self, state: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
         if state.dim() != target.dim() + 1 or state.shape[:-1] != target.shape:
@@ -127,6 +179,8 @@ class CrossEntropy:
                 f"CrossEntropy expects logits [B, S, V] and targets [B, S]; got {tuple(state.shape)} and "
                 f"{tuple(target.shape)}"
             )
+        if self.fused:
+            return _StateCrossEntropy.apply(state.flatten(0, -2), target.flatten(), float(label_smoothing))
         logits = _at_least_float32(state).flatten(0, -2)
         return F.cross_entropy(logits, target.flatten(), label_smoothing=label_smoothing)
 

@@ -183,6 +183,15 @@ def test_the_token_recipes_train_with_the_corpus_vocabulary(corpus, tmp_path):
         assert step == 4 and result.task.model.vocab_size == 1024  # from the corpus, one binding
     status, output = _cli(["eval", str(runs / "baseline"), "--no-progress"])
     assert status == 0 and "baseline (step 4)" in output
+    # downstream evaluation encodes with the corpus's tokenizer
+    choice = tmp_path / "choice.jsonl"
+    choice.write_text(json.dumps({"context": "The for statement", "choices": [" is", " banana"], "answer": 0}) + "\n")
+    report = tmp_path / "choice.json"
+    status, output = _cli(["evaluate-task", str(runs / "ebt"), "--baseline", str(runs / "baseline"), "--task",
+                           "choice", "--data", str(choice), "--json", str(report), "--no-progress"])
+    assert status == 0, output
+    encodings = {run["encoding"] for run in json.loads(report.read_text())["runs"].values()}
+    assert encodings == {"tokenizer tok.json"}
     status, output = _cli(["train", "experiments/transformer_pp_tokens_debug.gin", "--out", str(tmp_path / "t"),
                            "--bind", f"DATA_DIR = '{tmp_path / 'nowhere'}'"])
     assert status == 1 and "not a prepared corpus" in output and "energyflow prepare" in output
