@@ -162,10 +162,14 @@ def report(points: Sequence[Point], sweep_dir: Path) -> tuple[str, dict]:
         if (measure, "ebt") not in fits or (measure, "baseline") not in fits:
             continue
         ebt, base = fits[(measure, "ebt")], fits[(measure, "baseline")]
-        ratio, low, high = slope_ratio(ebt, base)
+        if base.low <= 0.0 <= base.high:  # a ratio to a slope indistinguishable from zero means nothing
+            cell, ratio_values = "undefined: the Transformer++'s slope is not distinguishable from 0", None
+        else:
+            ratio, low, high = slope_ratio(ebt, base)
+            cell, ratio_values = f"{ratio:.2f} [{min(low, high):.2f}, {max(low, high):.2f}]", [ratio, low, high]
         lines.append(f"| {measure} | {base.slope:.4f} [{base.low:.4f}, {base.high:.4f}] | {ebt.slope:.4f} "
-                     f"[{ebt.low:.4f}, {ebt.high:.4f}] | {ratio:.2f} [{low:.2f}, {high:.2f}] |")
-        payload["fits"][measure] = {"baseline": asdict(base), "ebt": asdict(ebt), "ratio": [ratio, low, high]}
+                     f"[{ebt.low:.4f}, {ebt.high:.4f}] | {cell} |")
+        payload["fits"][measure] = {"baseline": asdict(base), "ebt": asdict(ebt), "ratio": ratio_values}
     lines += ["", "| trial | model | seed | tokens | training FLOPs | seconds | loss |", "|---|---|---:|---:|---:|---:|---:|"]
     for p in sorted(points, key=lambda p: (p.model, p.tokens, p.seed)):
         seconds = f"{p.seconds:.0f}" if p.seconds else "-"

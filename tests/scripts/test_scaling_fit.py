@@ -47,3 +47,16 @@ def test_a_tiny_data_sweep_is_fitted_end_to_end(tmp_path, load_script):
     tokens = sorted({p["tokens"] for p in payload["points"] if p["model"] == "baseline"})
     assert tokens == [2 * 4 * 16, 4 * 4 * 16, 8 * 4 * 16]  # steps x batch 4 x 16-byte context
     assert {"tokens", "flops"} <= set(payload["fits"]) and "| tokens |" in (out / "scaling.md").read_text()
+
+
+def test_a_ratio_to_a_flat_baseline_is_reported_undefined(load_script):
+    script = load_script("scripts/scaling_fit.py")
+    points = []
+    for seed, noise in enumerate((0.01, -0.01, 0.0)):
+        for flops in (1e11, 1e12, 1e13):
+            points.append(script.Point("t", "baseline", seed, 1.8 * math.exp(noise * (1 if flops > 5e11 else -1)),
+                                       1e5, flops, None, 1))
+            points.append(script.Point("t", "ebt", seed, 3.0 * flops ** -0.05 * math.exp(noise), 1e5, 7 * flops, None, 1))
+    text, payload = script.report(points, "sweep")
+    assert "undefined: the Transformer++'s slope is not distinguishable from 0" in text
+    assert payload["fits"]["flops"]["ratio"] is None
