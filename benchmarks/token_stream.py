@@ -4,8 +4,9 @@ Writes a synthetic corpus (``--tokens`` uniform random ids, uint16, ``--shards``
 10 GB) in the layout ``energyflow prepare`` writes (shards + ``meta.json``; the tokenizer entry is a
 placeholder: ``TokenShards`` only reads ids), then draws ``--steps`` training batches (random order) and the
 validation batches through ``TokenShards``, sampling the process's memory from /proc/self/status as it goes:
-``RssAnon`` (the heap: what would exhaust memory) and ``RssFile`` (file pages mapped in by the memmaps, which
-the kernel reclaims under pressure, as page cache). Reported: windows per second, and both at the start and at
+``RssAnon`` (the heap: what would exhaust memory) and ``RssFile`` (file pages mapped into the process; the shards
+are read with positioned reads, so this should not grow either: the page cache that serves them is the
+kernel's, not the process's). Reported: windows per second, and both at the start and at
 the end. The corpus is deleted afterwards unless ``--keep``.
 
     python benchmarks/token_stream.py                     # 10 GB corpus in a temporary directory
@@ -113,8 +114,8 @@ def main(argv=None) -> int:
             "| | RssAnon (heap) MiB | RssFile (mapped file pages) MiB |\n|---|---:|---:|\n"
             f"| after opening | {start_memory['RssAnon'] / 2**20:.0f} | {start_memory['RssFile'] / 2**20:.0f} |\n"
             f"| after streaming | {end_memory['RssAnon'] / 2**20:.0f} | {end_memory['RssFile'] / 2**20:.0f} |\n\n"
-            f"Heap growth over the stream: {result['anon_growth_bytes'] / 2**20:.1f} MiB. File pages are the "
-            "memmaps' reads, reclaimable page cache, not process memory the corpus size could exhaust.\n")
+            f"Heap growth over the stream: {result['anon_growth_bytes'] / 2**20:.1f} MiB; mapped file pages: "
+            f"{(end_memory['RssFile'] - start_memory['RssFile']) / 2**20:.1f} MiB.\n")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "token_stream.json").write_text(json.dumps(result, indent=2))
     (args.out / "token_stream.md").write_text(text)

@@ -81,9 +81,11 @@ class Monitor:
             with open(self._history, "a") as handle:
                 handle.write(json.dumps(dict(values)) + "\n")
 
-    def advance(self, step: int, metrics: Mapping[str, float]) -> None:
+    def advance(self, step: int, metrics: Mapping[str, float], extra: str = "") -> None:
+        """Move the bar to ``step`` showing the first metrics and ``extra`` (e.g. throughput and MFU)."""
         if self._progress is not None:
-            self._progress.update(self._task, completed=step, metrics=format_metrics(metrics))
+            shown = format_metrics(metrics) + (f"  {extra}" if extra else "")
+            self._progress.update(self._task, completed=step, metrics=shown)
 
     def log(self, message: str) -> None:
         if self.active:

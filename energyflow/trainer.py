@@ -13,6 +13,7 @@ import contextlib
 import inspect
 import math
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence, Union
@@ -32,6 +33,7 @@ from energyflow.tasks import Task
 
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+AUTOCAST = ("auto", "bf16", "off")
 
 
 class TrainingDiverged(RuntimeError):
@@ -127,7 +129,11 @@ class Trainer:
     ``dtype``: the weights' (and so the descent states') precision, ``"float32"`` or ``"float64"``. A float64
     run is ~2x slower but its loss curve is the same on every CPU to ~1e-12: what golden-curve tests record,
     since the EBT's large learned step sizes amplify float32 rounding differences between CPUs and BLAS builds
-    (0.3% by the fourth step of the System 1 debug recipe)."""
+    (0.3% by the fourth step of the System 1 debug recipe).
+    ``autocast``: the loss under ``torch.autocast(bfloat16)``: ``"auto"`` (default) on CUDA only, ``"bf16"`` on
+    any device (CPU too: ``recipes/experiments/ebt_system1_bf16_debug.gin``), ``"off"``. The weights, the
+    optimizer and the descent states stay in ``dtype``; the EBT's loss and states are float32 (the objective
+    keeps them there), matrix multiplies run in bf16. A bf16 run of a float64 ``dtype`` is refused."""
 
     def __init__(self, *, num_steps: int, batch_size: int, learning_rate: float, accumulation_steps: int = 1,
                  warmup_steps: int = 0, min_lr_ratio: float = 0.1, weight_decay: float = 0.01,
@@ -136,8 +142,13 @@ class Trainer:
                  keep_checkpoints: int = 3, eval_every: int = 0, eval_batches: int = 8,
                  eval_batch_size: Optional[int] = None, seed: int = 0, device: str = "auto",
                  progress: bool = True, resume: bool = True, num_threads: Optional[int] = None,
-                 flush_denormal: bool = True, dtype: str = "float32") -> None:
+                 flush_denormal: bool = True, dtype: str = "float32", autocast: str = "auto") -> None:
         _check_settings(locals())
+        if autocast not in AUTOCAST:
+            raise ValueError(f"Trainer.autocast must be one of {AUTOCAST}, got {autocast!r}")
+        if autocast == "bf16" and dtype == "float64":
+            raise ValueError("Trainer.autocast = 'bf16' with dtype = 'float64' would compute a float64 run in bf16; "
+                             "use dtype = 'float32' for bf16 autocast, or autocast = 'off' for float64")
         if dtype not in DTYPES:
             raise ValueError(f"Trainer.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.num_steps, self.batch_size, self.learning_rate = num_steps, batch_size, learning_rate
@@ -148,6 +159,12 @@ class Trainer:
         self.eval_every, self.eval_batches, self.eval_batch_size = eval_every, eval_batches, eval_batch_size
         self.seed, self.device, self.progress, self.resume = seed, device, progress, resume
         self.num_threads, self.flush_denormal, self.dtype = num_threads, flush_denormal, dtype
+        self.autocast = autocast
+
+    def autocast_enabled(self, device: torch.device) -> bool:
+        """Whether the loss runs under bf16 autocast on ``device``: ``"auto"`` on CUDA only, ``"bf16"`` on any
+        device (CPU included), ``"off"`` never."""
+        return self.autocast == "bf16" or (self.autocast == "auto" and device.type == "cuda")
 
     def micro_batch(self, world_size: int) -> int:
         per_step = world_size * self.accumulation_steps
@@ -301,6 +318,7 @@ class _Run:
                                         rank=self.context.rank, world_size=self.context.world_size)
         self.generator = torch.Generator(device=self.context.device)
         self.checkpoints = out_dir / "checkpoints"
+        self._peak: Optional[float] = None  # FLOP/s the MFU is measured against, found at the first step
         self.notes: list[str] = []  # shown once the monitor exists
         try:
             check_run_directory(out_dir, config)  # before anything is written
@@ -370,20 +388,23 @@ class _Run:
 
     def _train_step(self, step: int) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches; returns globally averaged metrics."""
+        started = time.perf_counter()
         learning_rate = self.t.learning_rate_at(step)
         set_learning_rates(self.optimizer, learning_rate)
-        parts, losses = [], []
+        parts, losses, tokens, context = [], [], 0, None
         micro_batches = self.stream.next_step()
         for micro, windows in enumerate(micro_batches):
             torch.manual_seed(_seed_for(self.t.seed, step, micro, self.context.rank))
             self.generator.manual_seed(_seed_for(self.t.seed, step, micro, self.context.rank))
             last = micro == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last or not self.context.is_distributed else self.model.no_sync()
+            batch = self.data.to_batch(windows, self.context.device)
+            if isinstance(batch, Mapping) and isinstance(batch.get("tokens"), Tensor) and batch["tokens"].dim() == 2:
+                tokens, context = tokens + batch["tokens"].numel(), batch["tokens"].shape[1]
             with sync:  # skip DDP's all-reduce on all but the last micro-batch
                 with torch.autocast(self.context.device.type, dtype=torch.bfloat16,
-                                    enabled=self.context.device.type == "cuda"):
-                    loss, metrics = self.model(self.data.to_batch(windows, self.context.device), step=step,
-                                               generator=self.generator)
+                                    enabled=self.t.autocast_enabled(self.context.device)):
+                    loss, metrics = self.model(batch, step=step, generator=self.generator)
                 (loss / len(micro_batches)).backward()
             parts.append(metrics)
             losses.append({"objective": loss.detach()})
@@ -393,7 +414,28 @@ class _Run:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         values = with_perplexities(values, self.task.cross_entropy_metrics)
+        if self.context.device.type == "cuda":
+            torch.cuda.synchronize(self.context.device)
+        self._throughput = (time.perf_counter() - started, tokens * self.context.world_size, context)
         return {**values, "learning_rate": learning_rate}
+
+    def _throughput_scalars(self) -> dict[str, float]:
+        """Tokens/s, model FLOPs per step and MFU of the step just taken (TensorBoard and the progress bar, not
+        the history: they are timings, which a resumed run does not reproduce)."""
+        seconds, tokens, context = getattr(self, "_throughput", (0.0, 0, None))
+        if not tokens or seconds <= 0:
+            return {}
+        out = {"tokens_per_second": tokens / seconds}
+        per_token = self.task.train_flops_per_token(context)
+        if per_token:
+            out["model_flops_per_step"] = per_token * tokens
+            if self._peak is None:
+                from energyflow.flops import device_peak
+
+                self._peak = device_peak(self.context.device) or 0.0
+            if self._peak:
+                out["mfu"] = per_token * tokens / seconds / (self._peak * self.context.world_size)
+        return out
 
     def _global_metrics(self, parts: list, losses: list, grad_norm: Tensor) -> dict[str, float]:
         """Mean of the task's metrics over micro-batches and processes, then the gradient norm."""
@@ -413,7 +455,11 @@ class _Run:
         self.monitor.record(self.result.history[-1])
         self.monitor.scalars("train", {k: v for k, v in values.items() if k != "learning_rate"}, done)
         self.monitor.scalars("learning_rate", {g["name"]: g["lr"] for g in self.optimizer.param_groups}, done)
-        self.monitor.advance(done, values)
+        throughput = self._throughput_scalars() if self.context.is_main else {}
+        self.monitor.scalars("throughput", throughput, done)
+        shown = f"{throughput['tokens_per_second']:,.0f} tok/s" if "tokens_per_second" in throughput else ""
+        shown += f"  MFU {throughput['mfu']:.1%}" if "mfu" in throughput else ""
+        self.monitor.advance(done, values, shown)
         self.final["train"] = {k: v for k, v in values.items() if k != "learning_rate"}
         if done == self.start_step + 1 and self.context.is_main:
             (self.out_dir / "operative_config.gin").write_text(self.operative_config())

@@ -47,7 +47,7 @@ from energyflow.inference.sweep import spread_batches  # noqa: E402
 from energyflow.objectives.components import resolve_num_steps  # noqa: E402
 from energyflow.runs import load_run  # noqa: E402
 from reproduce_thinking import PYTHON_FILES, STDLIB, ensure_runs  # noqa: E402
-from scaling_fit import forward_flops_per_token  # noqa: E402
+from energyflow import flops  # noqa: E402
 
 def parse_configs(text: str) -> list[tuple[int, int]]:
     """``"2x1,4x4"`` -> ``[(2, 1), (4, 4)]``: EBT (steps, candidates)."""
@@ -79,8 +79,9 @@ def match_scores(generated: torch.Tensor, truth: torch.Tensor) -> tuple[float, f
 
 
 def forward_cost(network, attended: float) -> float:
+    """``C`` at the mean attended length (``energyflow.flops.forward_per_token``; no vocabulary matrices)."""
     blocks = sum(p.numel() for p in network.blocks.parameters())
-    return forward_flops_per_token(blocks, network.config.num_layers, attended, network.config.dim)
+    return flops.forward_per_token(flops.Shape(blocks, network.config.num_layers, network.config.dim, 0, attended))
 
 
 def evaluate_pair(pair: Path, args: argparse.Namespace, ebt_configs, baseline_samples) -> dict:

@@ -13,7 +13,8 @@ scores and values -- and a backward pass twice that):
 - EBT with K descent steps: the context stream once (``C``), then per step the prediction stream's forward
   (``C``) and its backward to the candidate, kept as a graph for the second order (``2 C``); the loss's backward
   runs back through all of it at twice its forward cost: ``3 C (1 + 3 K)`` (``21 C`` for K = 2, 7x the
-  Transformer++). Embeddings, norms and the energy head are left out of both.
+  Transformer++). Embeddings, norms, the vocabulary matrices and the energy head are left out of both (the
+  counts are ``energyflow.flops``'s with ``V = 0``; the trainer's MFU includes the vocabulary matrices).
 Wall-clock: the span of the run's TensorBoard scalars (first to last logged step).
 
 Slopes: least squares of ``log loss = a + b log x`` over every (seed, budget) point of a model; the standard
@@ -61,14 +62,20 @@ class Fit:
 
 
 def forward_flops_per_token(parameters: int, layers: int, context: int, width: int) -> float:
-    return 2.0 * parameters + 2.0 * layers * context * width
+    from energyflow import flops
+
+    return flops.forward_per_token(flops.Shape(parameters, layers, width, 0, context))
 
 
 def training_flops(model: str, tokens: float, parameters: int, layers: int, context: int, width: int,
                    descent_steps: int = 0) -> float:
-    """Training FLOPs of ``tokens`` training tokens (see the module docstring for the count)."""
-    c = forward_flops_per_token(parameters, layers, context, width)
-    per_token = 3.0 * c if model == "baseline" else 3.0 * c * (1.0 + 3.0 * descent_steps)
+    """Training FLOPs of ``tokens`` training tokens: ``energyflow.flops``'s counts (the trainer's, for its MFU)
+    without the vocabulary matrices (``V = 0``), as the module docstring says."""
+    from energyflow import flops
+
+    shape = flops.Shape(parameters, layers, width, 0, context)
+    per_token = (flops.transformer_train_per_token(shape) if model == "baseline"
+                 else flops.ebt_train_per_token(shape, descent_steps))
     return per_token * tokens
 
 

@@ -1,4 +1,4 @@
-"""Text at scale: tokenizers, pre-tokenized memory-mapped corpora, and the ``DataSource`` over them.
+"""Text at scale: tokenizers, pre-tokenized corpora in flat (memory-mappable) shards, and the ``DataSource`` over them.
 
 Tokenizers are Hugging Face ``tokenizers`` files (the ``hf`` extra): any ``tokenizer.json`` a user has (e.g.
 GPT-NeoX's, 50,277 tokens with its special tokens), or a byte-level BPE trained here on local text
@@ -15,8 +15,8 @@ atomically at document boundaries and ``meta.json`` records the documents consum
 ``prepare`` resumes where its last shard ended and writes the same shards as an uninterrupted run.
 
 ``token_shards`` (``TokenShards``) serves windows of ``S + 1`` tokens at stride ``S`` over each split's
-concatenated shards, read from ``numpy.memmap`` views opened on first use, so a corpus larger than memory
-trains with flat RSS. Training order is ``"random"`` (an affine permutation of the window indices per epoch,
+concatenated shards, each window read with a positioned read from shards opened on first use, so a corpus
+larger than memory trains with flat RSS (neither heap nor mapped pages grow; ``benchmarks/token_stream.py``). Training order is ``"random"`` (an affine permutation of the window indices per epoch,
 ``i -> (a i + b) mod W`` with ``a`` coprime to ``W``, drawn from the seed and the epoch: no index array is
 materialized) or ``"sequential"``; the stream is rank-sharded and resumable bit for bit exactly like the byte
 corpus's (``energyflow.data.base.BatchStream``: its position is the whole state).
@@ -290,24 +290,42 @@ def prepare_corpus(documents: Callable[[], Iterator[str]], tokenizer_path: Union
 # --- the DataSource ---------------------------------------------------------------------------------------------
 
 class ShardWindows:
-    """Windows ``[S + 1]`` at stride ``S`` over one split's concatenated shards, read lazily from memmaps.
-    Indexing with a ``LongTensor`` of window indices gives ``[n, S + 1]`` int64 tokens."""
+    """Windows ``[S + 1]`` at stride ``S`` over one split's concatenated shards. Indexing with a ``LongTensor`` of
+    window indices gives ``[n, S + 1]`` int64 tokens. Each shard is opened on first use and read with positioned
+    reads (``os.pread``) of just the window's bytes: neither the heap nor the process's mapped pages grow with
+    the corpus (a memory map would map tens of kilobytes of neighbours per random window; see
+    ``benchmarks/token_stream.py``). The shards stay plain arrays a user can ``numpy.memmap``."""
 
     def __init__(self, directory: Path, shards: Sequence[dict], dtype: str, seq_len: int) -> None:
         self.directory, self.dtype, self.seq_len = directory, np.dtype(dtype), seq_len
         self.names = [s["name"] for s in shards]
         self.starts = np.cumsum([0] + [s["tokens"] for s in shards])
         self.total = int(self.starts[-1])
-        self._maps: dict[int, np.memmap] = {}
+        self._files: dict[int, int] = {}
         self.count = max((self.total - 1) // seq_len, 0)
 
     def __len__(self) -> int:
         return self.count
 
-    def _map(self, index: int) -> np.memmap:
-        if index not in self._maps:
-            self._maps[index] = np.memmap(self.directory / self.names[index], dtype=self.dtype, mode="r")
-        return self._maps[index]
+    def __getstate__(self) -> dict:  # file descriptors do not travel (e.g. to a DataLoader worker)
+        return {**self.__dict__, "_files": {}}
+
+    def __del__(self) -> None:
+        for descriptor in getattr(self, "_files", {}).values():
+            try:
+                os.close(descriptor)
+            except OSError:
+                pass
+
+    def _read(self, index: int, offset: int, count: int) -> np.ndarray:
+        if index not in self._files:
+            self._files[index] = os.open(self.directory / self.names[index], os.O_RDONLY)
+        size = self.dtype.itemsize
+        data = os.pread(self._files[index], count * size, offset * size)
+        if len(data) != count * size:
+            raise ValueError(f"{self.directory / self.names[index]} is shorter than meta.json records; the corpus "
+                             "is damaged: prepare it again into a new --out")
+        return np.frombuffer(data, dtype=self.dtype)
 
     def tokens(self, start: int, length: int) -> np.ndarray:
         """Tokens ``[start, start + length)`` of the split, across shard boundaries."""
@@ -316,7 +334,7 @@ class ShardWindows:
         while position < end:
             offset = position - int(self.starts[shard])
             take = min(end - position, int(self.starts[shard + 1]) - position)
-            pieces.append(np.asarray(self._map(shard)[offset:offset + take], dtype=np.int64))
+            pieces.append(self._read(shard, offset, take).astype(np.int64))
             position += take
             shard += 1
         return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]

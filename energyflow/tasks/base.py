@@ -45,6 +45,11 @@ class Task(nn.Module):
         """How this task computes its numbers, for reports (e.g. an EBT's descent rule): name -> value."""
         return {}
 
+    def train_flops_per_token(self, context: int) -> Optional[float]:
+        """Model FLOPs of one training token at sequence length ``context`` (``energyflow.flops``), for the
+        trainer's throughput and MFU; ``None`` when the task has no analytic count."""
+        return None
+
 
 def descent_lr_multipliers(objective: nn.Module, step_size_multiplier: float,
                            noise_multiplier: float) -> dict[str, float]:

@@ -44,6 +44,12 @@ class LanguageModelTask(Task):
         loss = self._cross_entropy(batch)
         return loss, {"loss": loss.detach()}
 
+    def train_flops_per_token(self, context: int) -> Optional[float]:
+        from energyflow import flops
+
+        shape = flops.shape_of(self.model, context)
+        return None if shape is None else flops.transformer_train_per_token(shape)
+
     def evaluate(self, batch: Batch, *, num_steps: Optional[int] = None) -> Metrics:
         with torch.no_grad():
             return {"loss": self._cross_entropy(batch)}
@@ -94,6 +100,17 @@ class EBTLanguageModelTask(Task):
 
     def lr_multipliers(self) -> dict[str, float]:
         return descent_lr_multipliers(self.objective, self.step_size_lr_multiplier, self.noise_lr_multiplier)
+
+    def train_flops_per_token(self, context: int) -> Optional[float]:
+        """The EBT's training count at its mean number of training steps (``energyflow.flops``)."""
+        from energyflow import flops
+
+        shape = flops.shape_of(self.model, context)
+        if shape is None:
+            return None
+        steps = self.objective.num_steps
+        mean_steps = steps if isinstance(steps, int) else (steps.low + steps.high) / 2
+        return flops.ebt_train_per_token(shape, mean_steps)
 
 def hand_floor_to_samplers(objective: nn.Module, min_step_size: float) -> None:
     """An old run's task-level ``min_step_size``, given to the objective's samplers that have no floor of their own

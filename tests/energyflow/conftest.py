@@ -53,3 +53,19 @@ def build_tiny_trainer(**overrides) -> Trainer:
 @pytest.fixture
 def make_trainer() -> Callable[..., Trainer]:
     return build_tiny_trainer
+
+
+@pytest.fixture(scope="session")
+def token_corpus(tmp_path_factory):
+    """The embedded pydoc corpus prepared at token level with a 512-token BPE trained on it (the hf extra), for
+    the token-level recipes: the corpus directory (``DATA_DIR``)."""
+    pytest.importorskip("tokenizers", reason="the hf extra: pip install 'energyflow[hf]'")
+    from energyflow.data import pydoc_corpus
+    from energyflow.data import tokens
+
+    folder = tmp_path_factory.mktemp("token_corpus")
+    (folder / "pydoc.txt").write_bytes(pydoc_corpus())
+    tokens.train_tokenizer([folder / "pydoc.txt"], 512, folder / "tok.json")
+    tokens.prepare_corpus(lambda: tokens.text_file_documents([folder / "pydoc.txt"]), folder / "tok.json",
+                          folder / "data", source="pydoc", validation_fraction=0.05, shard_tokens=1 << 16)
+    return folder / "data"

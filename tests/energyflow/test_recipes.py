@@ -117,8 +117,9 @@ OTHER_DEBUG = [n for n in ALL_RECIPES if n.endswith("_debug.gin") and n != "expe
 
 
 @pytest.mark.parametrize("name", OTHER_DEBUG)
-def test_debug_variant_trains_two_steps(name, tmp_path):
-    parse_recipe(name, ["Trainer.num_steps = 2", "Trainer.progress = False", f"OUT_DIR = '{tmp_path}'"])
+def test_debug_variant_trains_two_steps(name, tmp_path, request):
+    corpus = [f"DATA_DIR = '{request.getfixturevalue('token_corpus')}'"] if "_tokens_" in name else []
+    parse_recipe(name, ["Trainer.num_steps = 2", "Trainer.progress = False", f"OUT_DIR = '{tmp_path}'", *corpus])
     gin.get_configurable("launch")()
     assert list(tmp_path.rglob("step_00000002.pt")), "no final checkpoint written"
 
