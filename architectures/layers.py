@@ -298,12 +298,14 @@ class SelfAttention(nn.Module):
         return self.out(heads.transpose(1, 2).reshape(batch, length, -1))
 
     def forward(self, x: Tensor, positions: Tensor, mask: Optional[Tensor],
-                past: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """Attend ``x [B,T,D]`` over ``past`` keys/values followed by its own; returns output and all K/V."""
+                past: Optional[tuple[Tensor, Tensor]] = None,
+                backend: Optional[AttentionBackend] = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Attend ``x [B,T,D]`` over ``past`` keys/values followed by its own; returns output and all K/V.
+        ``backend`` overrides the module's for this call (the EBT's context stream, first order only)."""
         q, k, v = self.project(x, positions)
         if past is not None:
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
-        return self.merge(attention(q, k, v, mask, backend=self.backend)), (k, v)
+        return self.merge(attention(q, k, v, mask, backend=backend or self.backend)), (k, v)
 
 
 def modulate(x: Tensor, shift: Optional[Tensor], scale: Optional[Tensor]) -> Tensor:
@@ -330,9 +332,10 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: Tensor, positions: Tensor, mask: Optional[Tensor],
                 past: Optional[tuple[Tensor, Tensor]] = None,
-                modulation: Optional[tuple[Tensor, ...]] = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+                modulation: Optional[tuple[Tensor, ...]] = None,
+                backend: Optional[AttentionBackend] = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         shift_a, scale_a, shift_f, scale_f = modulation if modulation is not None else (None,) * 4
-        attended, kv = self.attn(modulate(self.attn_norm(x), shift_a, scale_a), positions, mask, past)
+        attended, kv = self.attn(modulate(self.attn_norm(x), shift_a, scale_a), positions, mask, past, backend)
         x = x + attended
         return x + self.ffn(modulate(self.ffn_norm(x), shift_f, scale_f)), kv
 

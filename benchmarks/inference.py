@@ -22,6 +22,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -57,7 +58,12 @@ def thinking_runs(model: TextEBM, args: argparse.Namespace, num_steps: int) -> d
     def recompute() -> None:
         think(lambda y: model(tokens, y), y0, config)
 
-    return {"cached": cached, "recompute": recompute}
+    def compiled() -> None:  # cached, the energy-and-gradient through torch.compile (the warm-up compiles)
+        with torch.no_grad():
+            cache = model.encode(tokens)
+        think(lambda y: model.energy(cache, y), y0, replace(config, compile=True))
+
+    return {"cached": cached, "recompute": recompute, "compiled": compiled}
 
 
 def generation_runs(ebt: TextEBM, baseline: TransformerPP, args: argparse.Namespace) -> dict[str, Callable[[], None]]:
@@ -71,6 +77,8 @@ def generation_runs(ebt: TextEBM, baseline: TransformerPP, args: argparse.Namesp
                                                                    use_cache=c))
         runs[f"baseline_{suffix}"] = (lambda c=use_cache: generate_baseline(baseline, prompt, args.new, Decoding(),
                                                                             use_cache=c))
+    runs["ebt_compiled"] = lambda: generate_ebt(ebt, prompt, args.new, replace(config, compile=True), Decoding(),
+                                                generator=torch.Generator().manual_seed(0))
     return runs
 
 
@@ -100,8 +108,10 @@ def summarise(seconds: dict[str, dict[str, list[float]]], args: argparse.Namespa
     thinking = []
     for k in args.steps:
         cached, full = median[f"thinking_{k}"]["cached"] / k, median[f"thinking_{k}"]["recompute"] / k
+        fast = median[f"thinking_{k}"]["compiled"] / k
         thinking.append({"num_steps": k, "cached_ms_per_step": 1000 * cached, "recompute_ms_per_step": 1000 * full,
-                         "speedup": full / cached})
+                         "compiled_ms_per_step": 1000 * fast, "speedup": full / cached,
+                         "compiled_speedup_over_cached": cached / fast})
     generation = {name: args.new / value for name, value in median["generation"].items()}
     return {"thinking": thinking, "generation_tokens_per_second": generation, "raw_seconds": seconds}
 
@@ -116,10 +126,12 @@ def write(summary: dict, args: argparse.Namespace) -> None:
     lines = [f"System 2 inference, preset {args.preset}, vocabulary {VOCAB}, {args.threads} threads, torch "
              f"{torch.__version__}, medians of {args.repeats} interleaved repetitions.", "",
              f"Thinking (batch {args.batch}, sequence {args.seq}; the cached time includes encoding the context once):",
-             "", "| steps | cached ms/step | recompute ms/step | speed-up |", "|---|---|---|---|"]
+             "", "| steps | cached ms/step | recompute ms/step | cached speed-up | compiled ms/step | compiled vs "
+             "cached |", "|---|---|---|---|---|---|"]
     for row in summary["thinking"]:
         lines.append(f"| {row['num_steps']} | {row['cached_ms_per_step']:.1f} | {row['recompute_ms_per_step']:.1f} "
-                     f"| {row['speedup']:.2f}x |")
+                     f"| {row['speedup']:.2f}x | {row['compiled_ms_per_step']:.1f} | "
+                     f"{row['compiled_speedup_over_cached']:.2f}x |")
     lines += ["", f"Generation ({args.prompt}-byte prompt, {args.new} new bytes, greedy, batch 1; EBT: "
               f"{args.thinking_steps} thinking steps per token, 1 candidate):", "",
               "| model | cached tokens/s | recompute tokens/s |", "|---|---|---|"]
@@ -127,6 +139,9 @@ def write(summary: dict, args: argparse.Namespace) -> None:
     for model in ("ebt", "baseline"):
         lines.append(f"| {'EBT' if model == 'ebt' else 'Transformer++'} | {rates[f'{model}_cached']:.1f} "
                      f"| {rates[f'{model}_recompute']:.1f} |")
+    lines.append(f"| EBT, compiled thinking | {rates['ebt_compiled']:.1f} | - |")
+    lines += ["", f"Transformer++ / EBT tokens/s (cached): {rates['baseline_cached'] / rates['ebt_cached']:.1f}x eager, "
+              f"{rates['baseline_cached'] / rates['ebt_compiled']:.1f}x with compiled thinking."]
     (RESULTS / "inference.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

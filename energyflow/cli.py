@@ -113,6 +113,8 @@ def _add_thinking_options(parser: argparse.ArgumentParser) -> None:
                         "once every position has frozen (one host sync per check; default 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random initial states and noise")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    parser.add_argument("--compile", action="store_true", help="run thinking's energy-and-gradient through "
+                        "torch.compile (a one-off compile, then faster steps; falls back to eager with a warning)")
 
 
 def _add_generate(commands: argparse._SubParsersAction) -> None:

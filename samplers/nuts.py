@@ -6,7 +6,7 @@ Python: every leapfrog step is a separate, unbatched energy call plus Python tre
 syncs. This adapter therefore runs the C chains one after another, each with its own kernel, RNG seed
 and adaptation (pyro's own multi-chain ``MCMC`` would use one process per chain instead: process start-up
 and pickling per run, and a speed-up only where a free core per chain exists). Expect it to be two to three
-orders of magnitude slower per effective sample than the batched ``HMC`` (``benchmarks/samplers.py``
+orders of magnitude slower per effective sample than the batched ``HMC`` (``benchmarks/sampler_speed.py``
 measures it): use it as a correct, tuning-free reference, and ``HMC`` for throughput.
 
 Per-step info, recorded from inside pyro's tree building (its ``sample`` keeps them local):

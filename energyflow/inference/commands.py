@@ -34,9 +34,10 @@ from energyflow.tasks.video import NextFrameEBTTask, NextFrameRegressionTask
 
 def _config(task, args: argparse.Namespace, num_steps: int) -> ThinkingConfig:
     adaptive = args.energy_tolerance is not None or args.grad_tolerance is not None
-    return thinking_config(task.objective, num_steps=num_steps, step_size=args.step_size, noise_scale=args.noise,
-                           accept_if_lower=args.accept_if_lower, energy_tolerance=args.energy_tolerance,
-                           grad_tolerance=args.grad_tolerance, check_every=args.check_every if adaptive else None)
+    config = thinking_config(task.objective, num_steps=num_steps, step_size=args.step_size, noise_scale=args.noise,
+                             accept_if_lower=args.accept_if_lower, energy_tolerance=args.energy_tolerance,
+                             grad_tolerance=args.grad_tolerance, check_every=args.check_every if adaptive else None)
+    return replace(config, compile=bool(getattr(args, "compile", False)))
 
 
 def _step_index_mode(task) -> str:

@@ -57,6 +57,7 @@ class ThinkingConfig:
     check_every: Optional[int] = None
     transforms: Sequence[Transform] = field(default_factory=tuple)
     parametrization: Optional[Parametrization] = None
+    compile: bool = False  # the energy-and-gradient through torch.compile (energyflow.inference.compiled)
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_steps, int) or self.num_steps < 0:
@@ -157,8 +158,11 @@ def think(energy_fn: EnergyFn, y0: Tensor, config: ThinkingConfig, *, generator:
     state = _Position(y0.detach(), energies, start.grad, torch.ones_like(energies, dtype=torch.bool),
                       torch.zeros_like(energies, dtype=torch.long))
     trace, records, steps_run = [energies], [_record(record, state.y)], 0
+    evaluate = energy_and_grad
+    if config.compile:
+        from energyflow.inference.compiled import compiled_energy_and_grad as evaluate
     for steps_run in range(1, config.num_steps + 1):
-        state = _step(state, energy_fn, origin, step_size, config, generator)
+        state = _step(state, energy_fn, origin, step_size, config, generator, evaluate)
         trace.append(state.energies)
         records.append(_record(record, state.y))
         if config.check_every is not None and steps_run % config.check_every == 0 and not bool(state.active.any()):
@@ -168,12 +172,13 @@ def think(energy_fn: EnergyFn, y0: Tensor, config: ThinkingConfig, *, generator:
 
 
 def _step(state: _Position, energy_fn: EnergyFn, origin: Callable[[Tensor], Tensor], step_size: Tensor,
-          config: ThinkingConfig, generator: Optional[torch.Generator]) -> _Position:
+          config: ThinkingConfig, generator: Optional[torch.Generator],
+          evaluate: Callable[..., object] = energy_and_grad) -> _Position:
     """Propose for every position (a step from ``origin(y)``, where ``grad`` was taken), keep the proposal where
     the position is active (and, with ``accept_if_lower``, where its energy fell), then freeze the positions
-    that converged."""
+    that converged. ``evaluate``: the energy-and-gradient (eager, or ``compiled_energy_and_grad``)."""
     proposal = _propose(origin(state.y), state.grad, step_size, config, generator)
-    new = energy_and_grad(energy_fn, origin(proposal))
+    new = evaluate(energy_fn, origin(proposal))
     move = state.active & torch.isfinite(new.per_position)
     if config.accept_if_lower:
         move = move & (new.per_position <= state.energies)

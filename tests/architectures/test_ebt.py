@@ -169,7 +169,12 @@ def test_energy_head_is_interchangeable():
 
 @pytest.mark.parametrize("conditioning,path", [(None, "cached"), (None, "full"), ("adaln", "cached"),
                                                ("time_token", "cached")])
-def test_second_order_gradients_float64(second_order, no_fused_attention, conditioning, path):
+def test_second_order_gradients_float64(second_order, request, conditioning, path):
+    """Against finite differences. The uncached path must never reach the fused kernel (refused here); the
+    cached path runs its context stream on it (``EBT.context_attention = "fused"``, first order only), which
+    would raise if anything differentiated it twice -- and the finite differences confirm the outer gradient."""
+    if path == "full":
+        request.getfixturevalue("no_fused_attention")
     model = _ebt(conditioning, dim=8, max_seq_len=8)
     g = torch.Generator().manual_seed(3)
     real, y0, target = (torch.randn(2, 4, 8, generator=g, dtype=torch.float64) for _ in range(3))
@@ -206,3 +211,36 @@ def test_per_step_backward_through_leaf_cache_equals_one_backward_of_the_summed_
         torch.testing.assert_close(p.grad, g)
     with pytest.raises(ValueError, match="no gradient"):
         cache.backward_from(cache.as_leaves())
+
+
+@pytest.mark.parametrize("conditioning", [None, "adaln", "time_token"])
+def test_the_fused_context_stream_keeps_every_outer_gradient_float64(conditioning):
+    """The real stream is differentiated once (the descent differentiates w.r.t. the candidate only), so its
+    self-attention may run the fused kernel, which has no double backward: were it ever differentiated twice,
+    this would raise. In float64 the training loss and every parameter's outer gradient, second-order terms
+    included, equal the math path's to rounding."""
+    from architectures import EBT, TransformerConfig
+    from energyflow.models import TextEBM
+    from energyflow.objectives import EBTObjective, RandomNoise
+    from energyflow.tasks import EBTLanguageModelTask
+    from samplers import GradientDescent
+
+    def outer(context_attention):
+        torch.manual_seed(0)
+        config = TransformerConfig.from_preset("4xs", max_seq_len=32)
+        backbone = EBT(config, step_conditioning=conditioning, context_attention=context_attention)
+        task = EBTLanguageModelTask(TextEBM(backbone, 64), EBTObjective(GradientDescent(50.0, learnable=True),
+                                                                        num_steps=2, initial_state=RandomNoise(1.0)))
+        task = task.double()
+        windows = torch.randint(0, 64, (3, 17), generator=torch.Generator().manual_seed(0))
+        loss, _ = task.loss({"tokens": windows[:, :-1], "targets": windows[:, 1:]}, step=0,
+                            generator=torch.Generator().manual_seed(0))
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in task.named_parameters() if p.grad is not None}
+
+    math_loss, math_grads = outer("math")
+    fused_loss, fused_grads = outer("fused")
+    assert torch.allclose(fused_loss, math_loss, rtol=1e-12, atol=0)
+    assert math_grads.keys() == fused_grads.keys() and "objective.sampler.step_size" in math_grads
+    for name, grad in math_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-9, atol=1e-12, msg=name)

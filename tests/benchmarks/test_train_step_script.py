@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "train_step.py"
-VARIANTS = {"transformer_pp", "transformer_pp_fused", "ebt_cached", "ebt_uncached"}
+VARIANTS = {"transformer_pp", "transformer_pp_fused", "ebt_cached", "ebt_cached_math_context", "ebt_uncached"}
 
 
 def test_tiny_cpu_run_writes_a_complete_report(tmp_path):
