@@ -21,18 +21,16 @@ Run: ``python benchmarks/ebt_context_cache.py`` (xxs, sequence 256, batch 8, ste
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import ctypes
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from energyflow import bench  # noqa: E402
 from architectures.ebt import EBT  # noqa: E402
 from architectures.transformer import TransformerConfig  # noqa: E402
 
@@ -75,21 +73,14 @@ def run_once(model: EBT, real, y0, target, variant: str, mode: str, num_steps: i
     return time.perf_counter() - start, encode_seconds
 
 
-def _rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith(field + ":"))
-    return int(line.split()[1]) * 1024
-
-
 def measured_run(model: EBT, real, y0, target, variant: str, mode: str,
                  num_steps: int) -> tuple[float, float, int]:
     """``run_once`` plus its peak RSS increase in bytes (see the module docstring for the method)."""
     _LIBC.malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # resets VmHWM to the current RSS
-    before = _rss_bytes("VmRSS")
-    seconds, encode_seconds = run_once(model, real, y0, target, variant, mode, num_steps)
-    return seconds, encode_seconds, _rss_bytes("VmHWM") - before
+    timing = {}
+    peak = bench.peak_memory(lambda: timing.update(out=run_once(model, real, y0, target, variant, mode, num_steps)))
+    seconds, encode_seconds = timing["out"]
+    return seconds, encode_seconds, peak
 
 
 def measure(args: argparse.Namespace) -> None:
@@ -142,7 +133,6 @@ def write(args: argparse.Namespace, rows: list[dict], repeats_done: int) -> None
             "training_backward": "per step (one step graph alive); cached: as_leaves + backward_from once",
             "time_method": "median over interleaved repetitions of (total time of K steps) / K",
             "load_average_1min_at_write": os.getloadavg()[0]}
-    (RESULTS / "ebt_context_cache.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [f"EBT context cache, preset {args.preset}, sequence {args.seq}, batch {args.batch}, "
              f"{args.threads} threads, torch {torch.__version__}, medians of {repeats_done} interleaved repetitions "
              f"(peak memory: max over them); 1-min load average when written: {meta['load_average_1min_at_write']:.1f}.",
@@ -152,7 +142,7 @@ def write(args: argparse.Namespace, rows: list[dict], repeats_done: int) -> None
         lines.append(f"| {r['mode']} | {r['num_steps']} | {r['cached_ms_per_step']:.0f} | {r['full_ms_per_step']:.0f} "
                      f"| {r['speedup']:.2f}x | {r['speedup_steps_only']:.2f}x | {r['cached_peak_rss_increase_mib']:.0f} "
                      f"| {r['full_peak_rss_increase_mib']:.0f} |")
-    (RESULTS / "ebt_context_cache.md").write_text("\n".join(lines) + "\n")
+    bench.write(args.out, "ebt_context_cache", {"meta": meta, "rows": rows}, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -164,6 +154,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[2, 8])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     measure(args)

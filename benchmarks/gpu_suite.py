@@ -188,7 +188,9 @@ def main(argv=None) -> int:
             result["checks"][name] = {"error": f"{type(error).__name__}: {error}"}
         result["checks"][name]["wall_seconds"] = time.perf_counter() - started
         (args.out / "gpu_suite.json").write_text(json.dumps(result, indent=2, default=str))
-    (args.out / "gpu_suite.md").write_text(markdown(result))
+    from energyflow import bench
+
+    bench.write(args.out, "gpu_suite", result, markdown(result), device=device)
     print(markdown(result))
     return 0 if all("error" not in c and c.get("passed", True) for c in result["checks"].values()) else 1
 

@@ -14,17 +14,13 @@ run. Writes ``benchmarks/results/hnet.json`` and ``hnet.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import statistics
-import sys
-import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from energyflow import bench  # noqa: E402
 from architectures.hnet import HNetConfig, HNetLM  # noqa: E402
 from architectures.transformer import TransformerConfig, TransformerPP  # noqa: E402
 from energyflow.data import text_data, to_batch  # noqa: E402
@@ -73,14 +69,18 @@ def train_interleaved(tasks: dict, windows: torch.Tensor, *, budget: float, batc
                 continue
             rows = torch.randint(0, windows.shape[0], (batch,), generator=s["generator"])
             data = to_batch(windows[rows])
-            start = time.perf_counter()
-            loss, metrics = task.loss(data, step=s["steps"], generator=s["generator"])
-            s["optimizer"].zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(task.parameters(), 1.0)
-            s["optimizer"].step()
-            s["schedule"].step()
-            s["times"].append(time.perf_counter() - start)
+            outcome = {}
+
+            def train_step(task=task, s=s, data=data) -> None:
+                loss, outcome["metrics"] = task.loss(data, step=s["steps"], generator=s["generator"])
+                s["optimizer"].zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(task.parameters(), 1.0)
+                s["optimizer"].step()
+                s["schedule"].step()
+
+            s["times"].append(bench.timed(train_step))
+            metrics = outcome["metrics"]
             s["seconds"] += s["times"][-1]
             s["steps"] += 1
             s["losses"].append(float(metrics["loss"]))
@@ -107,6 +107,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--validation-windows", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for hnet.json / hnet.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = text_data(seq_len=args.seq)
@@ -115,8 +116,7 @@ def main(argv=None) -> dict:
     validation = data.validation[: args.validation_windows]
     rows = {name: summarize(task, state[name], evaluate(task, validation, args.batch), args)
             for name, task in tasks.items()}
-    result = {"settings": vars(args), "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                                                   "processor": platform.processor()}, "results": rows}
+    result = {"settings": vars(args), "machine": bench.machine(), "results": rows}
     write(result)
     return result
 
@@ -140,8 +140,6 @@ def summarize(task: LanguageModelTask, state: dict, metrics: dict[str, float], a
 
 
 def write(result: dict) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "hnet.json").write_text(json.dumps(result, indent=2) + "\n")
     columns = ["parameters", "steps", "train_bytes_per_second", "train_bytes_per_second_second_half",
                "train_bytes_per_chunk",
                "validation_bytes_per_chunk", "final_train_loss", "validation_loss", "validation_bits_per_byte"]
@@ -158,7 +156,7 @@ def write(result: dict) -> None:
             + "\n".join(lines) + f"\n\nH-Net / Transformer++ training throughput: {ratio:.2f}x overall, "
             f"{late_ratio:.2f}x over the second half of the steps.\n"
             f"H-Net bytes per chunk every 10 steps: {hnet.get('bytes_per_chunk_every_10_steps')}\n")
-    (RESULTS / "hnet.md").write_text(text)
+    bench.write(result["settings"].get("out") or RESULTS, "hnet", result, text)
     print(text)
 
 

@@ -19,17 +19,13 @@ Writes benchmarks/results/image_denoising.json and .md and, with --plot, docs/im
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from energyflow import bench  # noqa: E402
 from architectures import BidirectionalConfig, BidirectionalTransformer  # noqa: E402
 from energyflow.models import ImageEBM  # noqa: E402
 from energyflow.objectives import EBTObjective, InputState, SmoothL1  # noqa: E402
@@ -81,15 +77,8 @@ def operations(size: str, image_size: int, patch_size: int, batch: int) -> dict[
 
 
 def time_operations(calls: dict[str, Callable[[], None]], rounds: int, warmup: int = 3) -> dict[str, float]:
-    """Median seconds per call, the calls interleaved round by round."""
-    samples = {name: [] for name in calls}
-    for round_index in range(warmup + rounds):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            if round_index >= warmup:
-                samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    """Median seconds per call, the calls interleaved round by round (``energyflow.bench``)."""
+    return bench.medians(bench.interleaved(calls, rounds=rounds, warmup=warmup))
 
 
 def quality(runs: Path) -> dict[str, dict]:
@@ -167,9 +156,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                            "torch": torch.__version__},
               "seconds": speed, "ratio_to_dit_forward": {k: v / speed["dit_sampling_step"] for k, v in speed.items()},
               "quality": quality_numbers}
-    (args.out / "image_denoising.json").write_text(json.dumps(record, indent=2) + "\n")
     table = markdown(speed, quality_numbers, args)
-    (args.out / "image_denoising.md").write_text(table)
+    bench.write(args.out, "image_denoising", record, table)
     print(table)
     if args.plot and quality_numbers:
         print(f"wrote {plot(quality_numbers, ROOT / 'docs' / 'images_psnr_vs_passes.png')}")

@@ -17,18 +17,15 @@ smoke run. Writes ``benchmarks/results/inference.json`` and ``inference.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
-import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from energyflow import bench  # noqa: E402
 from architectures import EBT, TransformerConfig, TransformerPP  # noqa: E402
 from energyflow.inference import Decoding, ThinkingConfig, generate_baseline, generate_ebt, think  # noqa: E402
 from energyflow.models import TextEBM  # noqa: E402
@@ -82,12 +79,6 @@ def generation_runs(ebt: TextEBM, baseline: TransformerPP, args: argparse.Namesp
     return runs
 
 
-def timed(run: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
-
-
 def measure(groups: dict[str, dict[str, Callable[[], None]]], repeats: int) -> dict[str, dict[str, list[float]]]:
     """Seconds of every run of every group, repetitions interleaved, variant order alternating."""
     for runs in groups.values():  # warm-up (allocator, thread pools), not recorded
@@ -98,7 +89,7 @@ def measure(groups: dict[str, dict[str, Callable[[], None]]], repeats: int) -> d
         for group, runs in groups.items():
             names = list(runs) if rep % 2 == 0 else list(reversed(list(runs)))
             for name in names:
-                seconds[group][name].append(timed(runs[name]))
+                seconds[group][name].append(bench.timed(runs[name]))
         print(f"repetition {rep + 1}/{repeats} done", flush=True)
     return seconds
 
@@ -117,12 +108,10 @@ def summarise(seconds: dict[str, dict[str, list[float]]], args: argparse.Namespa
 
 
 def write(summary: dict, args: argparse.Namespace) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {key: getattr(args, key) for key in ("preset", "seq", "batch", "prompt", "new", "thinking_steps",
                                                  "repeats", "threads")}
     meta.update(torch=torch.__version__, machine=platform.processor() or platform.machine(),
                 time_method="median over interleaved repetitions")
-    (RESULTS / "inference.json").write_text(json.dumps({"meta": meta, **summary}, indent=2))
     lines = [f"System 2 inference, preset {args.preset}, vocabulary {VOCAB}, {args.threads} threads, torch "
              f"{torch.__version__}, medians of {args.repeats} interleaved repetitions.", "",
              f"Thinking (batch {args.batch}, sequence {args.seq}; the cached time includes encoding the context once):",
@@ -142,7 +131,7 @@ def write(summary: dict, args: argparse.Namespace) -> None:
     lines.append(f"| EBT, compiled thinking | {rates['ebt_compiled']:.1f} | - |")
     lines += ["", f"Transformer++ / EBT tokens/s (cached): {rates['baseline_cached'] / rates['ebt_cached']:.1f}x eager, "
               f"{rates['baseline_cached'] / rates['ebt_compiled']:.1f}x with compiled thinking."]
-    (RESULTS / "inference.md").write_text("\n".join(lines) + "\n")
+    bench.write(args.out, "inference", {"meta": meta, **summary}, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -156,6 +145,7 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=32, help="generation: new tokens")
     parser.add_argument("--thinking-steps", type=int, default=2, help="generation: EBT steps per token")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for inference.json / .md")
     # One thread by default: on a shared CPU extra intra-op threads mostly spin against other processes.
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()

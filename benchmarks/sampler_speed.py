@@ -32,19 +32,11 @@ exp(4.5) ~ 90 is dominated by rare draws deep in the mouth, so no run of this le
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
-import sys
 import time
 from pathlib import Path
 from typing import Callable
-
-if __name__ == "__main__" and not __package__:
-    # Run as a file, this script's folder would come first on sys.path and this file would shadow the
-    # `samplers` package; put the repository root there instead.
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede the first torch import (see the docstring)
 
@@ -54,6 +46,7 @@ from pyro.infer import HMC as PyroHMC  # noqa: E402
 from pyro.infer import MCMC  # noqa: E402
 from pyro.infer import NUTS as PyroNUTS  # noqa: E402
 
+from energyflow import bench  # noqa: E402
 from samplers import HMC  # noqa: E402
 from samplers.diagnostics import effective_sample_size  # noqa: E402
 from samplers.zoo import Funnel, Gaussian, Target  # noqa: E402
@@ -210,9 +203,7 @@ def _write_profile(out: Path) -> None:
     profile = profile_transition()
     values = (f"{value:.3g}" if isinstance(value, float) else str(value) for value in profile.values())
     text = f"| {' | '.join(profile)} |\n|{'---|' * len(profile)}\n| {' | '.join(values)} |\n"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "samplers_profile.json").write_text(json.dumps(profile, indent=2) + "\n")
-    (out / "samplers_profile.md").write_text(text)
+    bench.write(out, "samplers_profile", profile, text)
     print(text)
 
 
@@ -286,9 +277,8 @@ def main() -> None:
         "neals_funnel_10d": (Funnel(dim=10, scale=3.0), "funnel"),
     }
     results = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
-                    "pyro": pyro.__version__, "threads": torch.get_num_threads(),
-                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_average_at_start": os.getloadavg()},
+        "machine": {**bench.machine(), "pyro": pyro.__version__, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                    "load_average_at_start": os.getloadavg()},
         "settings": settings,
         "targets": {},
     }
@@ -296,10 +286,8 @@ def main() -> None:
         variance_coordinates = slice(0, 1) if key == "funnel" else slice(None)
         results["targets"][name] = benchmark_target(target, settings[key], variance_coordinates)
         print(markdown({"machine": results["machine"], "targets": {name: results["targets"][name]}}), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "samplers_quick" if args.quick else "samplers"
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(results))
+    bench.write(args.out, stem, results, markdown(results))
     print(f"wrote {args.out / stem}.json and .md")
 
 

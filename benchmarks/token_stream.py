@@ -26,8 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # noqa: E402  (run from a checkout)
-
+from energyflow import bench  # noqa: E402
 from energyflow.data.tokens import FORMAT, META, TokenShards  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -116,9 +115,7 @@ def main(argv=None) -> int:
             f"| after streaming | {end_memory['RssAnon'] / 2**20:.0f} | {end_memory['RssFile'] / 2**20:.0f} |\n\n"
             f"Heap growth over the stream: {result['anon_growth_bytes'] / 2**20:.1f} MiB; mapped file pages: "
             f"{(end_memory['RssFile'] - start_memory['RssFile']) / 2**20:.1f} MiB.\n")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "token_stream.json").write_text(json.dumps(result, indent=2))
-    (args.out / "token_stream.md").write_text(text)
+    bench.write(args.out, "token_stream", result, text)
     print(text)
     return 0
 

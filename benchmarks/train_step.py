@@ -15,7 +15,6 @@ Writes benchmarks/results/train_step_<device>.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -28,8 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from energyflow import bench  # noqa: E402
 from architectures import EBT, TransformerConfig, TransformerPP  # noqa: E402
 from energyflow.data import text_data, to_batch  # noqa: E402
 from energyflow.models import TextEBM  # noqa: E402
@@ -107,21 +105,19 @@ def time_interleaved(args) -> dict[str, list[float]]:
     device = torch.device("cpu")
     steps = {v: make_step(build_task(v, args.size, args.seq_len), device) for v in VARIANTS}
     data = batches(args.seq_len, args.batch_size, args.warmup + args.rounds, device)
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for index, batch in enumerate(data):
-        for variant, step in steps.items():
-            start = time.perf_counter()
-            step(batch, index)
-            if index >= args.warmup:
-                times[variant].append(time.perf_counter() - start)
-    return times
+    position = {"round": 0}
+
+    def run(variant: str) -> None:  # each variant takes the round's batch; the last one moves the round on
+        step_index = position["round"]
+        steps[variant](data[step_index], step_index)
+        if variant == VARIANTS[-1]:
+            position["round"] += 1
+
+    return bench.interleaved({v: (lambda v=v: run(v)) for v in VARIANTS}, rounds=args.rounds, warmup=args.warmup,
+                             alternate=False)
 
 
-def rss_bytes(field: str = "VmRSS") -> int:
-    """Current (``VmRSS``) or peak (``VmHWM``) resident set size of this process, from /proc (Linux)."""
-    with open("/proc/self/status") as handle:
-        line = next(line for line in handle if line.startswith(field + ":"))
-    return int(line.split()[1]) * 1024
+rss_bytes = bench.rss_bytes  # (kept for scripts that import it from here)
 
 
 def peak_memory_child(args) -> None:
@@ -129,12 +125,7 @@ def peak_memory_child(args) -> None:
     task = build_task(args.memory_of, args.size, args.seq_len)
     step = make_step(task, torch.device("cpu"))
     data = batches(args.seq_len, args.batch_size, 2, torch.device("cpu"))
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")  # reset the peak (VmHWM) to the current RSS: set-up allocations do not count
-    before = rss_bytes()
-    for index, batch in enumerate(data):
-        step(batch, index)
-    print(rss_bytes("VmHWM") - before)
+    print(bench.peak_memory(lambda: [step(batch, index) for index, batch in enumerate(data)], "cpu"))
 
 
 def peak_memory(variant: str, args) -> int:
@@ -254,9 +245,7 @@ def main() -> None:
     settings = {**{k: v for k, v in vars(args).items() if k not in ("memory_of", "keep_denormals", "out")},
                 "torch": torch.__version__}
     result = {"settings": settings, "report": report}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"train_step_{args.device}.json").write_text(json.dumps(result, indent=2))
-    (args.out / f"train_step_{args.device}.md").write_text(markdown(result))
+    bench.write(args.out, f"train_step_{args.device}", result, markdown(result), device=args.device)
     print(markdown(result))
 
 

@@ -13,18 +13,15 @@ Writes benchmarks/results/video.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from energyflow import bench  # noqa: E402
 from architectures import EBT, ContinuousTransformerPP, TransformerConfig  # noqa: E402
 from energyflow.models import VectorSequenceEBM  # noqa: E402
 from energyflow.objectives import EBTObjective, InputState, SmoothL1  # noqa: E402
@@ -64,23 +61,11 @@ def step_fn(task):
     return step
 
 
-def rss(field: str = "VmRSS") -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def memory_child(args) -> None:
     """(subprocess) Print the peak RSS growth of two optimizer steps of one model, in bytes."""
     task = build(args.memory_of, args.size, args.frames, args.side ** 2, args.context, args.rollout)
     step, batch = step_fn(task), {"frames": clips(args.batch, args.frames, args.side)}
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")  # reset the peak to the current RSS: the set-up does not count
-    before = rss()
-    for _ in range(2):
-        step(batch)
-    print(rss("VmHWM") - before)
+    print(bench.peak_memory(lambda: [step(batch) for _ in range(2)], "cpu"))
 
 
 def peak_memory(name: str, args) -> int:
@@ -94,27 +79,16 @@ def report(args) -> dict:
     tasks = {name: build(name, args.size, args.frames, args.side ** 2, args.context, args.rollout) for name in MODELS}
     steps = {name: step_fn(task) for name, task in tasks.items()}
     batch = {"frames": clips(args.batch, args.frames, args.side)}
-    times = {name: [] for name in MODELS}
-    for round_index in range(args.warmup + args.rounds):
-        for name in MODELS:
-            start = time.perf_counter()
-            steps[name](batch)
-            if round_index >= args.warmup:
-                times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(values) for name, values in times.items()}
+    times = bench.interleaved({name: (lambda n=name: steps[n](batch)) for name in MODELS}, rounds=args.rounds,
+                              warmup=args.warmup, alternate=False)
+    medians = bench.medians(times)
     context = batch["frames"][:, :args.context].flatten(2)
     rollout_seconds = {}
     for name, task in tasks.items():
         task.eval()
-        samples = []
-        for _ in range(args.rounds):
-            start = time.perf_counter()
-            if name == "ebt":
-                task.rollout(context, args.rollout, 2)
-            else:
-                task.rollout(context, args.rollout)
-            samples.append(time.perf_counter() - start)
-        rollout_seconds[name] = statistics.median(samples)
+        run = (lambda t=task: t.rollout(context, args.rollout, 2)) if name == "ebt" else \
+            (lambda t=task: t.rollout(context, args.rollout))
+        rollout_seconds[name] = statistics.median(bench.timed(run) for _ in range(args.rounds))
     frames_per_second = {name: args.batch * args.rollout / seconds for name, seconds in rollout_seconds.items()}
     return {"median_step_seconds": medians, "step_seconds": times,
             "ratio_step_ebt_to_transformer": medians["ebt"] / medians["transformer"],
@@ -157,10 +131,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 "context": args.context, "rollout": args.rollout, "rounds": args.rounds,
                 "threads": torch.get_num_threads(), "torch": torch.__version__}
     result = report(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "video.json").write_text(json.dumps({"settings": settings, "report": result}, indent=2) + "\n")
     table = markdown(result, settings)
-    (args.out / "video.md").write_text(table)
+    bench.write(args.out, "video", {"settings": settings, "report": result}, table)
     print(table)
     return 0
 

@@ -20,7 +20,6 @@ Writes benchmarks/results/vocabulary.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 
 import train_step  # noqa: E402  (benchmarks/ is this script's directory, first on sys.path)
+from energyflow import bench  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ("transformer_pp", "ebt", "ebt_unfused_ce")
@@ -57,26 +57,23 @@ def batches(vocab: int, seq_len: int, batch_size: int, count: int) -> list[dict]
 def time_vocabulary(vocab: int, args) -> dict[str, list[float]]:
     steps = {v: train_step.make_step(build(v, args.size, args.seq_len, vocab), torch.device("cpu")) for v in VARIANTS}
     data = batches(vocab, args.seq_len, args.batch_size, args.warmup + args.rounds)
-    times = {v: [] for v in VARIANTS}
-    for index, batch in enumerate(data):
-        for variant, step in steps.items():
-            start = time.perf_counter()
-            step(batch, index)
-            if index >= args.warmup:
-                times[variant].append(time.perf_counter() - start)
-    return times
+    position = {"round": 0}
+
+    def run(variant: str) -> None:
+        index = position["round"]
+        steps[variant](data[index], index)
+        if variant == VARIANTS[-1]:
+            position["round"] += 1
+
+    return bench.interleaved({v: (lambda v=v: run(v)) for v in VARIANTS}, rounds=args.rounds, warmup=args.warmup,
+                             alternate=False)
 
 
 def peak_memory_child(args) -> None:
     task = build(args.memory_of, args.size, args.seq_len, args.vocab)
     step = train_step.make_step(task, torch.device("cpu"))
     data = batches(args.vocab, args.seq_len, args.batch_size, 2)
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")  # reset the peak (VmHWM) to the current RSS
-    before = train_step.rss_bytes()
-    for index, batch in enumerate(data):
-        step(batch, index)
-    print(train_step.rss_bytes("VmHWM") - before)
+    print(bench.peak_memory(lambda: [step(batch, index) for index, batch in enumerate(data)], "cpu"))
 
 
 def peak_memory(variant: str, vocab: int, args) -> int:
@@ -147,9 +144,7 @@ def main(argv=None) -> int:
                             "tpp_tokens_per_gb": 2**30 / (largest["peak_bytes"]["transformer_pp"] / tokens),
                             "vocab": max(vocabularies)}
     result["settings"]["seconds"] = time.perf_counter() - started
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "vocabulary.json").write_text(json.dumps(result, indent=2))
-    (args.out / "vocabulary.md").write_text(markdown(result))
+    bench.write(args.out, "vocabulary", result, markdown(result))
     print(markdown(result))
     return 0
 
