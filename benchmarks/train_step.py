@@ -105,16 +105,7 @@ def time_interleaved(args) -> dict[str, list[float]]:
     device = torch.device("cpu")
     steps = {v: make_step(build_task(v, args.size, args.seq_len), device) for v in VARIANTS}
     data = batches(args.seq_len, args.batch_size, args.warmup + args.rounds, device)
-    position = {"round": 0}
-
-    def run(variant: str) -> None:  # each variant takes the round's batch; the last one moves the round on
-        step_index = position["round"]
-        steps[variant](data[step_index], step_index)
-        if variant == VARIANTS[-1]:
-            position["round"] += 1
-
-    return bench.interleaved({v: (lambda v=v: run(v)) for v in VARIANTS}, rounds=args.rounds, warmup=args.warmup,
-                             alternate=False)
+    return bench.interleaved_steps(steps, data, warmup=args.warmup)
 
 
 rss_bytes = bench.rss_bytes  # (kept for scripts that import it from here)

@@ -57,16 +57,7 @@ def batches(vocab: int, seq_len: int, batch_size: int, count: int) -> list[dict]
 def time_vocabulary(vocab: int, args) -> dict[str, list[float]]:
     steps = {v: train_step.make_step(build(v, args.size, args.seq_len, vocab), torch.device("cpu")) for v in VARIANTS}
     data = batches(vocab, args.seq_len, args.batch_size, args.warmup + args.rounds)
-    position = {"round": 0}
-
-    def run(variant: str) -> None:
-        index = position["round"]
-        steps[variant](data[index], index)
-        if variant == VARIANTS[-1]:
-            position["round"] += 1
-
-    return bench.interleaved({v: (lambda v=v: run(v)) for v in VARIANTS}, rounds=args.rounds, warmup=args.warmup,
-                             alternate=False)
+    return bench.interleaved_steps(steps, data, warmup=args.warmup)
 
 
 def peak_memory_child(args) -> None:

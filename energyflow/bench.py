@@ -63,6 +63,22 @@ def interleaved(runs: Mapping[str, Callable[[], Any]], *, rounds: int, warmup: i
     return seconds
 
 
+def interleaved_steps(steps: Mapping[str, Callable[[Any, int], Any]], batches: list, *, warmup: int = 1,
+                      device: Device = None) -> dict[str, list[float]]:
+    """Training-step benchmarks: round ``i`` gives every variant ``steps[name](batches[i], i)`` (the same batch),
+    in a fixed order; ``warmup`` first rounds unrecorded, one round per remaining batch."""
+    names, position = list(steps), {"round": 0}
+
+    def run(name: str) -> None:
+        index = position["round"]
+        steps[name](batches[index], index)
+        if name == names[-1]:
+            position["round"] += 1
+
+    return interleaved({name: (lambda name=name: run(name)) for name in names}, rounds=len(batches) - warmup,
+                       warmup=warmup, device=device, alternate=False)
+
+
 def medians(seconds: Mapping[str, list[float]]) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in seconds.items()}
 

@@ -53,11 +53,9 @@ def _tokenizers():
 
 
 def file_sha256(path: Union[str, Path]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from energyflow.checkpoint import file_digest
+
+    return file_digest(path)
 
 
 def load_tokenizer(path: Union[str, Path]):
@@ -124,21 +122,30 @@ def text_file_documents(paths: Sequence[Union[str, Path]]) -> Iterator[str]:
                 yield piece.strip("\n")
 
 
+def jsonl_records(path: Union[str, Path]) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for every non-empty line of a JSONL file; a line that is not a JSON object is an
+    error naming the file and line."""
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not JSON ({error.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
+            yield number, record
+
+
 def jsonl_documents(paths: Sequence[Union[str, Path]], field: str = "text") -> Iterator[str]:
     """The ``field`` of every line of JSONL files (a line without it is an error naming the file and line)."""
     for path in paths:
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}, line {number}: not JSON ({error.msg})") from None
-                if field not in record:
-                    raise ValueError(f"{path}, line {number}: no field {field!r} (fields: {sorted(record)}); "
-                                     "choose it with --field")
-                yield str(record[field])
+        for number, record in jsonl_records(path):
+            if field not in record:
+                raise ValueError(f"{path}, line {number}: no field {field!r} (fields: {sorted(record)}); "
+                                 "choose it with --field")
+            yield str(record[field])
 
 
 def hf_documents(path: str, *, split: str = "train", field: str = "text", name: Optional[str] = None,

@@ -65,14 +65,10 @@ def read_examples(path: str, task: str) -> list[dict]:
         raise ValueError(f"--task must be one of {TASKS}, got {task!r}")
     if not Path(path).is_file():
         raise FileNotFoundError(f"no data file {path}; give a JSONL file (see docs/inference.md for the format)")
+    from energyflow.data.tokens import jsonl_records
+
     examples = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}, line {number}: not JSON ({error.msg})") from None
+    for number, record in jsonl_records(path):
         if task == "lambada":
             text = record.get("text")
             if not isinstance(text, str) or " " not in text.strip():
@@ -112,9 +108,9 @@ def accuracy(correct: Sequence[bool]) -> tuple[float, float]:
     return p, math.sqrt(p * (1 - p) / len(correct))
 
 
-@torch.no_grad()
-def _baseline_log_probs(model: nn.Module, context: list[int], continuations: list[list[int]], device) -> Tensor:
-    """``[N, L]`` log-probability of each continuation's tokens (0 past its end) after ``context``."""
+def _pack(model: nn.Module, context: list[int], continuations: list[list[int]], device) -> tuple[Tensor, Tensor, int]:
+    """``rows [N, P + L]`` (the fitted context, then each continuation right-padded), ``mask [N, L]`` of the real
+    continuation tokens, and ``P``."""
     width = max(len(c) for c in continuations)
     prefix = _fit(context, width, _window(model))
     rows = torch.zeros(len(continuations), len(prefix) + width, dtype=torch.long, device=device)
@@ -123,8 +119,15 @@ def _baseline_log_probs(model: nn.Module, context: list[int], continuations: lis
     for row, continuation in enumerate(continuations):
         rows[row, len(prefix):len(prefix) + len(continuation)] = torch.tensor(continuation, device=device)
         mask[row, :len(continuation)] = True
-    logits = model(rows[:, :-1]).float()[:, len(prefix) - 1:]
-    picked = torch.log_softmax(logits, dim=-1).gather(-1, rows[:, len(prefix):, None]).squeeze(-1)
+    return rows, mask, len(prefix)
+
+
+@torch.no_grad()
+def _baseline_log_probs(model: nn.Module, context: list[int], continuations: list[list[int]], device) -> Tensor:
+    """``[N, L]`` log-probability of each continuation's tokens (0 past its end) after ``context``."""
+    rows, mask, prefix = _pack(model, context, continuations, device)
+    logits = model(rows[:, :-1]).float()[:, prefix - 1:]
+    picked = torch.log_softmax(logits, dim=-1).gather(-1, rows[:, prefix:, None]).squeeze(-1)
     return picked * mask
 
 
@@ -191,21 +194,14 @@ def evaluate_choice(task, examples: list[dict], codec: Codec, *, score: str = "e
 def _ebt_thinking_scores(task, context: list[int], choices: list[list[int]], steps: Optional[int], device) -> Tensor:
     """Mean log-likelihood of each choice's tokens under the EBT's predictions after thinking (teacher-forced)."""
     model = task.model
-    width = max(len(c) for c in choices)
-    prefix = _fit(context, width, _window(model))
+    rows, mask, prefix = _pack(model, context, choices, device)
     count = steps or resolve_num_steps(task.objective.num_steps, 0, training=False)
     config = thinking_config(task.objective, num_steps=count)
-    rows = torch.zeros(len(choices), len(prefix) + width, dtype=torch.long, device=device)
-    rows[:, :len(prefix)] = torch.tensor(prefix, device=device)
-    mask = torch.zeros(len(choices), width, dtype=torch.bool, device=device)
-    for row, choice in enumerate(choices):
-        rows[row, len(prefix):len(prefix) + len(choice)] = torch.tensor(choice, device=device)
-        mask[row, :len(choice)] = True
     verified = think_tokens(model, rows[:, :-1], config, initial_state=task.objective.initial_state,
                             generator=torch.Generator(device=device).manual_seed(0),
                             step_index_mode=getattr(task.objective, "step_index_mode", "per_step"))
-    log_p = torch.log_softmax(verified.state[:, len(prefix) - 1:].float(), dim=-1)  # the state: logits
-    picked = log_p.gather(-1, rows[:, len(prefix):, None]).squeeze(-1) * mask
+    log_p = torch.log_softmax(verified.state[:, prefix - 1:].float(), dim=-1)  # the state: logits
+    picked = log_p.gather(-1, rows[:, prefix:, None]).squeeze(-1) * mask
     return picked.sum(1) / mask.sum(1)
 
 
