@@ -85,6 +85,11 @@ class Monitor:
         """Move the bar to ``step`` showing the first metrics and ``extra`` (e.g. throughput and MFU)."""
         if self._progress is not None:
             shown = format_metrics(metrics) + (f"  {extra}" if extra else "")
+            # The bar, step count and time take ~45 columns: the metrics get what is left, so that a narrow
+            # console shortens them instead of squeezing the step count out.
+            room = max(self.console.width - 45, 20)
+            if len(shown) > room:
+                shown = shown[: room - 1] + "…"
             self._progress.update(self._task, completed=step, metrics=shown)
 
     def log(self, message: str) -> None:
