@@ -13,10 +13,12 @@ to the *inputs* only (the EBT's descent gradient at inference) costs about one f
 
 Training step, per token:
 - Transformer++: ``3 (C + 2 d V)`` (forward + backward).
-- EBT with ``K`` descent steps: the context stream's forward ``C``; per step the prediction stream's forward
-  ``C + 2 d V`` and its backward to the candidate, kept as a graph for the second order: ``2 (C + 2 d V)``;
-  then the loss's backward through all of it at twice the forward: ``3 [C + 3 K (C + 2 d V)]`` -- 21 C for
-  ``K = 2`` at small ``V``, 7 Transformer++ passes.
+- EBT with ``K`` descent steps: the context stream's forward and backward, ``3 C``; per step the prediction
+  stream's forward ``C + 2 d V``, its backward to the candidate (activation gradients only: ``C + 2 d V``), kept
+  as a graph, and the loss's backward through both at twice their cost: ``6 (C + 2 d V)`` per step. In all
+  ``3 C + 6 K (C + 2 d V)`` -- 15 C for ``K = 2`` at small ``V``, 5 Transformer++ passes: the arithmetic floor
+  of the EBT's step. ``tests/energyflow/test_flops.py`` checks these counts against
+  ``torch.utils.flop_counter.FlopCounterMode`` (which counts the attention's full square, not its causal half).
 Inference: Transformer++ decoding ``C + 2 d V`` per token; EBT thinking, per step and candidate, a forward and
 an input-gradient backward of the prediction stream, ``2 (C + 2 d V)``, plus the context stream once.
 
@@ -66,7 +68,7 @@ def transformer_train_per_token(shape: Shape) -> float:
 
 def ebt_train_per_token(shape: Shape, descent_steps: int) -> float:
     prediction = forward_per_token(shape) + vocab_per_token(shape)
-    return 3.0 * (forward_per_token(shape) + 3.0 * descent_steps * prediction)
+    return 3.0 * forward_per_token(shape) + 6.0 * descent_steps * prediction
 
 
 def ebt_thinking_per_token(shape: Shape, steps: int, candidates: int = 1) -> float:

@@ -10,10 +10,10 @@ FLOPs, counted analytically per training token (N: parameters of the transformer
 context S; a forward pass costs ``C = 2 N + 2 L S d`` per token -- the matrix multiplies and the attention
 scores and values -- and a backward pass twice that):
 - Transformer++: forward + backward = ``3 C``.
-- EBT with K descent steps: the context stream once (``C``), then per step the prediction stream's forward
-  (``C``) and its backward to the candidate, kept as a graph for the second order (``2 C``); the loss's backward
-  runs back through all of it at twice its forward cost: ``3 C (1 + 3 K)`` (``21 C`` for K = 2, 7x the
-  Transformer++). Embeddings, norms, the vocabulary matrices and the energy head are left out of both (the
+- EBT with K descent steps: the context stream's forward and backward (``3 C``), then per step the prediction
+  stream's forward (``C``) and its backward to the candidate (activation gradients only, ``C``), kept as a graph
+  for the second order, and the loss's backward through both at twice their cost: ``3 C + 6 K C`` (``15 C``
+  for K = 2, 5x the Transformer++). Embeddings, norms, the vocabulary matrices and the energy head are left out of both (the
   counts are ``energyflow.flops``'s with ``V = 0``; the trainer's MFU includes the vocabulary matrices).
 Wall-clock: the span of the run's TensorBoard scalars (first to last logged step).
 
