@@ -6,7 +6,7 @@
 ``energy_fn(y: [C, *event]) -> [C]`` or ``[C, S]``; lower is better; chains lead. See docs/samplers.md.
 """
 from samplers.base import SamplerWarning
-from samplers.diagnostics import effective_sample_size, split_rhat, summary_table
+from samplers.diagnostics import bulk_ess, effective_sample_size, rank_rhat, split_rhat, summary_table, tail_ess
 from samplers.energy import EnergyAndGrad, energy_and_grad, log_density
 from samplers.gradient_descent import GradientDescent
 from samplers.hmc import HMC
@@ -52,6 +52,6 @@ __all__ = [
     "effective_sample_size",
     "energy_and_grad",
     "log_density",
-    "split_rhat",
+    "split_rhat", "rank_rhat", "bulk_ess", "tail_ess",
     "summary_table",
 ]

@@ -1,4 +1,13 @@
-"""Convergence diagnostics over batched chains: ESS, split R-hat, MCSE z-scores and a ``rich`` summary.
+"""Convergence diagnostics over batched chains: ESS, split R-hat, the rank-normalized split R-hat and bulk /
+tail ESS of Vehtari, Gelman, Simpson, Carpenter and Bürkner (2021), MCSE z-scores and a ``rich`` summary.
+
+Rank normalization: every draw of a coordinate (all chains pooled) is replaced by the normal quantile of its
+fractional rank, ``Phi^-1((r - 3/8) / (S + 1/4))`` (average ranks for ties, as repeated states of rejected
+proposals make), so the diagnostics work for heavy tails and are unchanged by any monotone transform.
+``rank_rhat``: the larger of the split R-hat of the rank-normalized draws and of the rank-normalized draws folded
+about the median (which catches chains that differ in scale, not location). ``bulk_ess``: the ESS of the
+rank-normalized split chains. ``tail_ess``: the smaller ESS of the indicators of the 5% and 95% quantiles (split
+chains). Their recommended thresholds: rank R-hat < 1.01, bulk and tail ESS > 100 per chain.
 
 States are laid out ``[T, C, *event]`` (draws first, chains second, as in ``Trajectory.states``); pyro's
 ``pyro.ops.stats`` is told so explicitly (``sample_dim=0, chain_dim=1``). Everything here runs after
@@ -68,6 +77,54 @@ def split_rhat(states: Tensor) -> Tensor:
     return stats.split_gelman_rubin(_as_draws(states, 4), chain_dim=1, sample_dim=0)
 
 
+def _split_chains(draws: Tensor) -> Tensor:
+    """[T, C, *] -> [T // 2, 2 C, *]: each chain's first and second half as two chains (odd T drops a draw)."""
+    half = draws.shape[0] // 2
+    return torch.cat((draws[:half], draws[half:2 * half]), dim=1)
+
+
+def rank_normalize(states: Tensor) -> Tensor:
+    """[T, C, *event] -> the same shape: the normal scores of the pooled fractional ranks (average ranks for
+    ties) of each coordinate's draws."""
+    draws = _as_draws(states, 2)
+    flat = draws.reshape(draws.shape[0] * draws.shape[1], -1)  # [S, D]
+    total = flat.shape[0]
+    ranks = torch.empty_like(flat)
+    for column in range(flat.shape[1]):
+        values, order = flat[:, column].sort()
+        _, inverse, counts = torch.unique_consecutive(values, return_inverse=True, return_counts=True)
+        ends = counts.cumsum(0).to(flat.dtype)  # the last ordinal rank (1-based) of each distinct value
+        average = ends - (counts.to(flat.dtype) - 1) / 2
+        ranks[order, column] = average[inverse]
+    scores = torch.special.ndtri((ranks - 0.375) / (total + 0.25))
+    return scores.reshape(draws.shape)
+
+
+def rank_rhat(states: Tensor) -> Tensor:
+    """[T, C, *event] -> [*event] rank-normalized split R-hat (see the module docstring); ~1 when the chains
+    agree in location and in scale."""
+    draws = _as_draws(states, 4)
+    median = draws.flatten(0, 1).median(dim=0).values
+    bulk = stats.split_gelman_rubin(rank_normalize(draws), chain_dim=1, sample_dim=0)
+    folded = stats.split_gelman_rubin(rank_normalize((draws - median).abs()), chain_dim=1, sample_dim=0)
+    return torch.maximum(bulk, folded)
+
+
+def bulk_ess(states: Tensor) -> Tensor:
+    """[T, C, *event] -> [*event] bulk ESS: the ESS of the rank-normalized split chains."""
+    return effective_sample_size(_split_chains(rank_normalize(_as_draws(states, 4))))
+
+
+def tail_ess(states: Tensor) -> Tensor:
+    """[T, C, *event] -> [*event] tail ESS: the smaller ESS of the indicators of the pooled 5% and 95% quantiles
+    (split chains): how well the chains estimate the tails' quantiles."""
+    draws = _as_draws(states, 4)
+    pooled = draws.flatten(0, 1)
+    low, high = torch.quantile(pooled, 0.05, dim=0), torch.quantile(pooled, 0.95, dim=0)
+    return torch.minimum(effective_sample_size(_split_chains((draws <= low).to(draws.dtype))),
+                         effective_sample_size(_split_chains((draws <= high).to(draws.dtype))))
+
+
 def monte_carlo_standard_error(states: Tensor) -> Tensor:
     """[T, C, *event] -> [*event] standard error of the mean estimate: sd / sqrt(ESS)."""
     draws = _as_draws(states, 2).flatten(0, 1)
@@ -122,7 +179,25 @@ def _coordinate_rows(states: Tensor) -> dict[str, Tensor]:
     draws = _as_draws(states, 4).flatten(2)  # [T, C, D]
     ess = effective_sample_size(draws)
     sd = draws.flatten(0, 1).std(dim=0)
-    return {"mean": draws.mean(dim=(0, 1)), "sd": sd, "mcse": sd / ess.sqrt(), "ess": ess, "rhat": split_rhat(draws)}
+    return {"mean": draws.mean(dim=(0, 1)), "sd": sd, "mcse": sd / ess.sqrt(), "ess": ess, "rhat": split_rhat(draws),
+            "bulk_ess": bulk_ess(draws), "tail_ess": tail_ess(draws), "rank_rhat": rank_rhat(draws)}
+
+
+def _warnings(rows: dict[str, Tensor], num_chains: int) -> list[str]:
+    """Vehtari et al.'s thresholds, said in the caption: rank R-hat above 1.01, bulk or tail ESS below 100 per
+    chain (at least 400 in all), and what to do."""
+    out = []
+    worst = float(rows["rank_rhat"].max())
+    if worst > 1.01:
+        out.append(f"WARNING rank R-hat up to {worst:.3f} (> 1.01): the chains disagree; run longer or check for "
+                   "multimodality")
+    floor = max(100 * num_chains, 400)
+    for key, label in (("bulk_ess", "bulk"), ("tail_ess", "tail")):
+        low = float(rows[key].min())
+        if low < floor:
+            out.append(f"WARNING {label} ESS down to {low:.0f} (< {floor}): too few effective draws for "
+                       f"{'means' if key == 'bulk_ess' else 'tail quantiles'}; draw more or tune the sampler")
+    return out
 
 
 def _caption(trajectory: "Trajectory") -> str:
@@ -148,18 +223,23 @@ def summary_table(
     rows = _coordinate_rows(trajectory.states)
     num_coordinates = rows["mean"].numel()
     table = Table(title=title, caption=_caption(trajectory))
+    keys = ("mean", "sd", "mcse", "ess", "rhat", "bulk_ess", "tail_ess", "rank_rhat")
+    labels = {"mean": "mean", "sd": "sd", "mcse": "MCSE", "ess": "ESS", "rhat": "R-hat", "bulk_ess": "bulk ESS",
+              "tail_ess": "tail ESS", "rank_rhat": "rank R-hat"}
+    warnings = _warnings(rows, trajectory.num_chains)
+    if warnings:
+        table.caption = f"{table.caption}\n" + "; ".join(warnings)
     if num_coordinates <= max_coordinates:
         table.add_column("coordinate")
-        for name in ("mean", "sd", "MCSE", "ESS", "R-hat"):
-            table.add_column(name, justify="right")
+        for key in keys:
+            table.add_column(labels[key], justify="right")
         for index in range(num_coordinates):
-            values = [rows[key][index] for key in ("mean", "sd", "mcse", "ess", "rhat")]
+            values = [rows[key][index] for key in keys]
             table.add_row(str(index), *(f"{float(v):.4g}" for v in values))
     else:
         table.add_column(f"over {num_coordinates} coordinates")
         for name in ("min", "median", "max"):
             table.add_column(name, justify="right")
-        labels = {"mean": "mean", "sd": "sd", "mcse": "MCSE", "ess": "ESS", "rhat": "R-hat"}
         for key, label in labels.items():
             values = rows[key]
             table.add_row(label, *(f"{float(v):.4g}" for v in (values.min(), values.median(), values.max())))
