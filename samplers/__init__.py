@@ -7,7 +7,7 @@
 """
 from samplers.base import SamplerWarning
 from samplers.diagnostics import bulk_ess, effective_sample_size, rank_rhat, split_rhat, summary_table, tail_ess
-from samplers.energy import EnergyAndGrad, energy_and_grad, log_density
+from samplers.energy import EnergyAndGrad, energy_and_grad, log_density, vectorize
 from samplers.gradient_descent import GradientDescent
 from samplers.hmc import HMC
 from samplers.langevin import Langevin
@@ -52,6 +52,6 @@ __all__ = [
     "effective_sample_size",
     "energy_and_grad",
     "log_density",
-    "split_rhat", "rank_rhat", "bulk_ess", "tail_ess",
+    "split_rhat", "rank_rhat", "bulk_ess", "tail_ess", "vectorize",
     "summary_table",
 ]

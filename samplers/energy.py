@@ -113,3 +113,27 @@ def energy_and_grad(
     if not create_graph:
         energy, per_position, grad = energy.detach(), per_position.detach(), grad.detach()
     return EnergyAndGrad(energy, per_position, grad)
+
+
+def vectorize(energy_fn: Callable[[Tensor], Tensor]) -> EnergyFn:
+    """Lift an energy written for **one** unbatched state, ``energy_fn(y [*event]) -> scalar`` (or ``[S]``
+    per-position energies), to the batched contract ``[C, *event] -> [C]`` (``[C, S]``) with ``torch.func.vmap``,
+    so that a user need not write batched energies. Gradients follow from autograd through the vmapped forward,
+    exactly as for a hand-batched energy (``tests/samplers/test_vectorize.py`` checks both against each other).
+    The energy must be a pure torch function of its input (no ``.item()``, no Python control flow on values)."""
+    batched = torch.func.vmap(energy_fn)
+
+    def lifted(y: Tensor) -> Tensor:
+        try:
+            out = batched(y)
+        except RuntimeError as error:
+            message = str(error).splitlines()[0]
+            raise ValueError(f"vectorize: energy_fn could not be vmapped over the chains ({message}); write it as a "
+                             "pure torch function of one state (no .item(), no if/while on tensor values)") from error
+        if out.dim() not in (1, 2) or out.shape[0] != y.shape[0]:
+            raise ValueError(f"vectorize: energy_fn(y) of one state must return a scalar (or [S] per-position "
+                             f"energies); for {y.shape[0]} chains it gave {tuple(out.shape)}")
+        return out
+
+    lifted.__name__ = f"vectorized_{getattr(energy_fn, '__name__', 'energy')}"
+    return lifted
