@@ -5,6 +5,7 @@
 
 ``energy_fn(y: [C, *event]) -> [C]`` or ``[C, S]``; lower is better; chains lead. See docs/samplers.md.
 """
+from samplers.ais import AISResult, annealed_importance_sampling, geometric_schedule
 from samplers.base import SamplerWarning
 from samplers.diagnostics import bulk_ess, effective_sample_size, rank_rhat, split_rhat, summary_table, tail_ess
 from samplers.energy import EnergyAndGrad, energy_and_grad, log_density, vectorize
@@ -52,6 +53,7 @@ __all__ = [
     "effective_sample_size",
     "energy_and_grad",
     "log_density",
-    "split_rhat", "rank_rhat", "bulk_ess", "tail_ess", "vectorize",
+    "split_rhat", "rank_rhat", "bulk_ess", "tail_ess", "vectorize", "AISResult",
+    "annealed_importance_sampling", "geometric_schedule",
     "summary_table",
 ]
