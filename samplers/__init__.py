@@ -15,6 +15,7 @@ from samplers.langevin import Langevin
 from samplers.mala import MALA
 from samplers.nuts import NUTS
 from samplers.parametrization import Parametrization, SoftmaxParametrization
+from samplers.sgmcmc import SGLD, MinibatchEnergy
 from samplers.schedules import Constant, CosineAnneal, GeometricAnneal, LinearAnneal, RandomizedStepSize, Schedule
 from samplers.trajectory import INFO_FIELDS, Trajectory
 from samplers.transforms import ClampGradient, ClampState, Detach, LangevinNoise, Transform, WarmupLangevinNoise
@@ -54,6 +55,6 @@ __all__ = [
     "energy_and_grad",
     "log_density",
     "split_rhat", "rank_rhat", "bulk_ess", "tail_ess", "vectorize", "AISResult",
-    "annealed_importance_sampling", "geometric_schedule",
+    "annealed_importance_sampling", "geometric_schedule", "SGLD", "MinibatchEnergy",
     "summary_table",
 ]
