@@ -108,9 +108,6 @@ def time_interleaved(args) -> dict[str, list[float]]:
     return bench.interleaved_steps(steps, data, warmup=args.warmup)
 
 
-rss_bytes = bench.rss_bytes  # (kept for scripts that import it from here)
-
-
 def peak_memory_child(args) -> None:
     """(subprocess) Print the peak RSS growth of two optimizer steps of one variant, in bytes."""
     task = build_task(args.memory_of, args.size, args.seq_len)

@@ -19,14 +19,6 @@ def format_metrics(metrics: Mapping[str, float], limit: int = 4) -> str:
     return "  ".join(f"{name} {value:.4g}" for name, value in list(metrics.items())[:limit])
 
 
-def _step_of(line: str) -> float:
-    """The step of a ``history.jsonl`` line; infinity for a line a crash cut short (so it is dropped)."""
-    try:
-        return float(json.loads(line)["step"])
-    except (ValueError, KeyError):
-        return float("inf")
-
-
 @contextlib.contextmanager
 def progress_bar(description: str, total: int, *, console: Optional[Console] = None,
                  enabled: bool = True) -> Iterator[Callable[[int], None]]:
@@ -60,7 +52,9 @@ class Monitor:
         self._writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=start_step + 1)
         self._history = out_dir / "history.jsonl"
         if self._history.is_file():
-            kept = [line for line in self._history.read_text().splitlines() if _step_of(line) <= start_step]
+            from energyflow.checkpoint import history_lines  # the lines a checkpoint's history digest covers
+
+            kept = history_lines(self._history, start_step)  # a line a crash cut short is dropped
             self._history.write_text("".join(line + "\n" for line in kept))
         if progress:
             self._progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),

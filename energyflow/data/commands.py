@@ -49,6 +49,7 @@ def _documents(args: argparse.Namespace):
 
 def run_prepare(args: argparse.Namespace, console: Console) -> int:
     documents, source = _documents(args)
+    tokens.load_tokenizer(args.tokenizer)  # a bad tokenizer is refused before the progress display starts
     started = time.perf_counter()
     columns = (TextColumn("[bold]prepare"), BarColumn(pulse_style="cyan"), TextColumn("{task.fields[status]}"),
                TimeElapsedColumn())

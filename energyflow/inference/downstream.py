@@ -64,7 +64,7 @@ def read_examples(path: str, task: str) -> list[dict]:
     if task not in TASKS:
         raise ValueError(f"--task must be one of {TASKS}, got {task!r}")
     if not Path(path).is_file():
-        raise FileNotFoundError(f"no data file {path}; give a JSONL file (see docs/inference.md for the format)")
+        raise FileNotFoundError(f"no data file {path}; give a JSONL file (its format is in docs/text_at_scale.md)")
     from energyflow.data.tokens import jsonl_records
 
     examples = []
