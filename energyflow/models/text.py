@@ -1,4 +1,18 @@
-"""The text EBT: logits over the vocabulary -> softmax -> an embedding, scored by an ``architectures.EBT``."""
+"""The text EBT: logits over the vocabulary -> softmax -> an embedding, scored by an ``architectures.EBT``.
+
+The candidate map ``h = softmax(y) @ E`` (``y [B, S, V]`` logits, ``E [V, D]``) is where the vocabulary size
+costs memory: a descent step differentiates it with ``create_graph=True`` and the outer loss differentiates that
+again, so autograd keeps, per step, the probabilities, the gradient ``dE/dp = g @ E^T`` and the softmax's own
+backward inputs (``[B, S, V]`` each), and the second-order backward of the softmax makes several more
+full-vocabulary temporaries at once, which is where the training step peaks (``benchmarks/vocab_scale.py``).
+``_SoftmaxEmbedding`` is the same map as one autograd node that saves only the logits and ``E``: its backward,
+``_SoftmaxEmbeddingBackward`` (``dE/dy = p * (q - <q, p>)`` with ``q = g @ E^T``), is itself one node with a
+hand-derived backward, and both recompute ``p = softmax(y)`` row chunk by row chunk (a few MiB at a time) rather
+than keep it. The numbers are the plain formula's to rounding (float64 tests compare values, first and second
+derivatives against autograd on ``softmax(y) @ E``); a backward that itself builds a graph (a third derivative,
+or a first-order gradient taken with ``create_graph`` w.r.t. ``E``) runs the plain formula under autograd, so
+every order stays exact.
+"""
 from __future__ import annotations
 
 from typing import Literal, Optional, Union
@@ -14,17 +28,181 @@ from samplers.parametrization import SoftmaxParametrization
 CandidateEmbedding = Literal["linear", "tied"]
 
 
+# Rows per chunk: this many elements of a [rows, V] temporary (16 MiB of float32); V = 256 is one chunk up to
+# 16,384 positions, V = 50,277 chunks of 83 positions.
+CHUNK_ELEMENTS = 1 << 22
+# Default of ``recompute_probabilities``: from this vocabulary size on (the byte-level recipes stay on the plain
+# autograd graph, bit for bit as they were measured).
+RECOMPUTE_FROM_VOCAB = 4096
+
+
+def _matmul_dtype(y: Tensor, weight: Tensor) -> torch.dtype:
+    """The precision ``p @ E`` runs in, as the plain path would: autocast's dtype when it is on for ``y``'s device
+    (its matmuls cast both operands), else the weight's."""
+    device = y.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
+def _row_chunks(rows: int, vocab: int):
+    step = max(1, CHUNK_ELEMENTS // max(vocab, 1))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _grad_needed(node) -> bool:
+    """Whether the running backward will use a gradient flowing into ``node`` (``None``: a tensor without
+    history that requires grad has none, so it is needed; an engine that cannot tell: assume it is)."""
+    if node is None:
+        return True
+    try:
+        return bool(torch._C._will_engine_execute_node(node))
+    except (AttributeError, RuntimeError):
+        return True
+
+
+class _SoftmaxEmbedding(torch.autograd.Function):
+    """``h = softmax(y) @ E`` for ``y [N, V]``, ``E [V, D]``, saving ``y`` and ``E`` only (see the module docstring).
+
+    Backward, for an upstream ``g [N, D]``: ``dy = _SoftmaxEmbeddingBackward(g, y, E)`` (one differentiable node)
+    and ``dE = softmax(y)^T @ g``, computed only when the running backward uses it (a descent's inner
+    ``autograd.grad(E, y)`` does not)."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, weight: Tensor, mm_dtype: torch.dtype, weight_node) -> Tensor:
+        rows, vocab = y.shape
+        with torch.autocast(y.device.type, enabled=False):
+            weight_mm = weight.to(mm_dtype)
+            out = torch.empty(rows, weight.shape[1], dtype=mm_dtype, device=y.device)
+            for part in _row_chunks(rows, vocab):
+                torch.mm(torch.softmax(y[part], dim=-1).to(mm_dtype), weight_mm, out=out[part])
+        ctx.save_for_backward(y, weight)
+        ctx.mm_dtype, ctx.weight_node = mm_dtype, weight_node
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        y, weight = ctx.saved_tensors
+        d_y = d_weight = None
+        if ctx.needs_input_grad[0]:
+            d_y = _SoftmaxEmbeddingBackward.apply(grad, y, weight, ctx.mm_dtype)
+        if ctx.needs_input_grad[1] and _grad_needed(ctx.weight_node):
+            with torch.autocast(y.device.type, enabled=False):
+                if torch.is_grad_enabled():  # create_graph: the plain formula, under autograd
+                    d_weight = torch.softmax(y, dim=-1).to(ctx.mm_dtype).t() @ grad.to(ctx.mm_dtype)
+                else:
+                    grad_mm = grad.to(ctx.mm_dtype)
+                    d_weight = torch.zeros(weight.shape, dtype=ctx.mm_dtype, device=y.device)
+                    for part in _row_chunks(*y.shape):
+                        d_weight.addmm_(torch.softmax(y[part], dim=-1).to(ctx.mm_dtype).t(), grad_mm[part])
+            d_weight = d_weight.to(weight.dtype)
+        return d_y, d_weight, None, None
+
+
+class _SoftmaxEmbeddingBackward(torch.autograd.Function):
+    """``dy = p * (q - <q, p>)`` with ``p = softmax(y)`` and ``q = g @ E^T`` (the adjoint of ``_SoftmaxEmbedding``
+    at ``y``), saving ``g``, ``y`` and ``E``.
+
+    Its backward, for an upstream ``v [N, V]`` with ``a = <v, p>`` and ``c = <q, p>`` (per row):
+    ``s = p * (v - a)`` (the map ``q -> dy`` is the softmax's Jacobian, symmetric), so ``d/dg = s @ E`` and
+    ``d/dE = s^T @ g``; and through ``p`` with ``q`` fixed, ``r = v * (q - c) - a * q`` and
+    ``d/dy = p * (r - <r, p>)``. Row chunk by row chunk, without a graph; when the backward itself builds one
+    (a third derivative), the plain formula under autograd instead."""
+
+    @staticmethod
+    def forward(ctx, grad: Tensor, y: Tensor, weight: Tensor, mm_dtype: torch.dtype) -> Tensor:
+        rows, vocab = y.shape
+        out = torch.empty_like(y)
+        with torch.autocast(y.device.type, enabled=False):
+            weight_t, grad_mm = weight.to(mm_dtype).t(), grad.to(mm_dtype)
+            for part in _row_chunks(rows, vocab):
+                p = torch.softmax(y[part], dim=-1)
+                q = (grad_mm[part] @ weight_t).to(p.dtype)
+                out[part] = p * (q - (q * p).sum(-1, keepdim=True))
+        ctx.save_for_backward(grad, y, weight)
+        ctx.mm_dtype = mm_dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, upstream: Tensor):
+        grad, y, weight = ctx.saved_tensors
+        need_grad, need_y, need_weight = ctx.needs_input_grad[:3]
+        mm_dtype = ctx.mm_dtype
+        with torch.autocast(y.device.type, enabled=False):
+            if torch.is_grad_enabled():  # create_graph: the plain formula, under autograd (exact at every order)
+                return (*_embedding_vjp(upstream, grad, y, weight, mm_dtype, need_grad, need_y, need_weight), None)
+            d_grad = torch.empty(grad.shape, dtype=mm_dtype, device=y.device) if need_grad else None
+            d_y = torch.empty_like(y) if need_y else None
+            d_weight = torch.zeros(weight.shape, dtype=mm_dtype, device=y.device) if need_weight else None
+            weight_mm, grad_mm = weight.to(mm_dtype), grad.to(mm_dtype)
+            for part in _row_chunks(*y.shape):
+                p, v = torch.softmax(y[part], dim=-1), upstream[part]
+                a = (v * p).sum(-1, keepdim=True)
+                if need_grad or need_weight:
+                    s = (p * (v - a)).to(mm_dtype)
+                    if need_grad:
+                        torch.mm(s, weight_mm, out=d_grad[part])
+                    if need_weight:
+                        d_weight.addmm_(s.t(), grad_mm[part])
+                if need_y:
+                    q = (grad_mm[part] @ weight_mm.t()).to(p.dtype)
+                    r = v * (q - (q * p).sum(-1, keepdim=True)) - a * q
+                    d_y[part] = p * (r - (r * p).sum(-1, keepdim=True))
+        return (None if d_grad is None else d_grad.to(grad.dtype), d_y,
+                None if d_weight is None else d_weight.to(weight.dtype), None)
+
+
+def _embedding_vjp(upstream, grad, y, weight, mm_dtype, need_grad, need_y, need_weight):
+    """``_SoftmaxEmbeddingBackward``'s backward by the same formulas on whole tensors, differentiable."""
+    p = torch.softmax(y, dim=-1)
+    a = (upstream * p).sum(-1, keepdim=True)
+    s = (p * (upstream - a)).to(mm_dtype)
+    d_grad = (s @ weight.to(mm_dtype)).to(grad.dtype) if need_grad else None
+    d_weight = (s.t() @ grad.to(mm_dtype)).to(weight.dtype) if need_weight else None
+    d_y = None
+    if need_y:
+        q = (grad.to(mm_dtype) @ weight.to(mm_dtype).t()).to(p.dtype)
+        r = upstream * (q - (q * p).sum(-1, keepdim=True)) - a * q
+        d_y = p * (r - (r * p).sum(-1, keepdim=True))
+    return d_grad, d_y, d_weight
+
+
+def softmax_embedding(logits: Tensor, weight: Tensor) -> Tensor:
+    """``softmax(logits) @ weight`` (``logits [..., V]``, ``weight [V, D]``) as ``_SoftmaxEmbedding``: the same
+    values and derivatives of every order as the plain formula, with no ``[..., V]`` tensor kept for backward
+    beyond the logits (see the module docstring)."""
+    if weight.dim() != 2 or logits.shape[-1] != weight.shape[0]:
+        raise ValueError(f"softmax_embedding needs logits [..., V] and a weight [V, D]; got {tuple(logits.shape)} "
+                         f"and {tuple(weight.shape)}")
+    # The node a gradient for ``weight`` flows into (no graph is built without grad mode, so none is needed).
+    node = (torch.autograd.graph.get_gradient_edge(weight).node
+            if weight.requires_grad and torch.is_grad_enabled() else None)
+    flat = logits.reshape(-1, logits.shape[-1])
+    out = _SoftmaxEmbedding.apply(flat, weight, _matmul_dtype(logits, weight), node)
+    return out.reshape(*logits.shape[:-1], weight.shape[1])
+
+
 class DistributionAdapter(nn.Module):
-    """Logits ``[B, S, V]`` -> softmax -> embedding ``[B, S, D]``."""
+    """Logits ``[B, S, V]`` -> softmax -> embedding ``[B, S, D]``.
+
+    ``recompute_probabilities``: run the map as ``softmax_embedding`` (saves only the logits; the probabilities
+    are recomputed in the backward, chunked over positions) instead of autograd on ``softmax`` and the matmul;
+    ``None`` (default): from ``RECOMPUTE_FROM_VOCAB`` classes on. Same numbers to rounding either way."""
 
     def __init__(self, vocab_size: int, dim: int, *, mode: CandidateEmbedding = "linear",
-                 token_embedding: Optional[nn.Embedding] = None) -> None:
+                 token_embedding: Optional[nn.Embedding] = None,
+                 recompute_probabilities: Optional[bool] = None) -> None:
         super().__init__()
         if mode not in ("linear", "tied"):
             raise ValueError(f"candidate_embedding must be 'linear' or 'tied', got {mode!r}")
         if mode == "tied" and token_embedding is None:
             raise ValueError("candidate_embedding='tied' needs the model's token embedding")
+        if recompute_probabilities is not None and not isinstance(recompute_probabilities, bool):
+            raise TypeError(f"recompute_probabilities must be True, False or None (from {RECOMPUTE_FROM_VOCAB} "
+                            f"classes on), got {recompute_probabilities!r}")
         self.mode, self.vocab_size = mode, vocab_size
+        self.recompute_probabilities = (vocab_size >= RECOMPUTE_FROM_VOCAB if recompute_probabilities is None
+                                        else recompute_probabilities)
         self.projection = nn.Linear(vocab_size, dim, bias=False) if mode == "linear" else None
         # A plain attribute (not a submodule) so the shared embedding is registered once, by the model.
         self._token_embedding = [token_embedding]
@@ -34,6 +212,9 @@ class DistributionAdapter(nn.Module):
         if candidate.shape[-1] != self.vocab_size:
             raise ValueError(f"candidate logits have {candidate.shape[-1]} classes, the model's vocabulary "
                              f"has {self.vocab_size}")
+        if self.recompute_probabilities and not mapped:
+            weight = self.projection.weight.t() if self.projection is not None else self._token_embedding[0].weight
+            return softmax_embedding(candidate, weight)
         probabilities = candidate if mapped else torch.softmax(candidate, dim=-1)  # [B, S, V]
         if self.projection is not None:
             return self.projection(probabilities)
@@ -42,9 +223,13 @@ class DistributionAdapter(nn.Module):
 
 
 class TextEBM(_StepConditioned):
-    """Autoregressive text EBT: E(tokens_0..i, distribution over token i+1) for every position i."""
+    """Autoregressive text EBT: E(tokens_0..i, distribution over token i+1) for every position i.
 
-    def __init__(self, backbone: EBT, vocab_size: int, *, candidate_embedding: CandidateEmbedding = "linear"):
+    ``recompute_probabilities``: how the candidate map runs (``DistributionAdapter``; ``None``: by vocabulary
+    size)."""
+
+    def __init__(self, backbone: EBT, vocab_size: int, *, candidate_embedding: CandidateEmbedding = "linear",
+                 recompute_probabilities: Optional[bool] = None):
         super().__init__()
         if vocab_size <= 1:
             raise ValueError(f"vocab_size must be > 1, got {vocab_size}")
@@ -52,7 +237,8 @@ class TextEBM(_StepConditioned):
         self.vocab_size = vocab_size
         self.token_embedding = nn.Embedding(vocab_size, dim)
         self.candidate = DistributionAdapter(vocab_size, dim, mode=candidate_embedding,
-                                             token_embedding=self.token_embedding)
+                                             token_embedding=self.token_embedding,
+                                             recompute_probabilities=recompute_probabilities)
         init_linear(self.candidate, backbone.config.init)
         init_linear(self.token_embedding, backbone.config.init, embedding_std=backbone.config.embedding_std)
         self.backbone = backbone

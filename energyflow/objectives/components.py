@@ -162,7 +162,7 @@ class CrossEntropy:
     """Task loss for a state of logits [B, S, V] against token targets [B, S] (mean over positions).
 
     ``fused`` (default): ``_StateCrossEntropy``, which saves no tensor beyond the state itself (the same value and
-    gradient as ``F.cross_entropy`` to rounding; ``benchmarks/vocabulary.py`` measures the memory it saves);
+    gradient as ``F.cross_entropy`` to rounding; ``benchmarks/vocab_scale.py`` measures the EBT's step memory);
     ``fused=False``: ``F.cross_entropy``."""
 
     supports_label_smoothing = True
