@@ -67,7 +67,8 @@ _register("architectures", transformer_preset, bidirectional_preset, architectur
           architectures.BidirectionalTransformer, architectures.ContinuousTransformerPP)
 
 # ------------------------------------------------------------------------------------------ samplers
-_register("samplers", samplers.GradientDescent, samplers.Langevin, samplers.MALA, samplers.HMC, samplers.NUTS)
+_register("samplers", samplers.GradientDescent, samplers.Langevin, samplers.MALA, samplers.HMC, samplers.NUTS,
+          samplers.PyroNUTS, samplers.MEADS, samplers.SGLD, samplers.SGHMC)
 _register("samplers.schedules", samplers.Constant, samplers.LinearAnneal, samplers.GeometricAnneal,
           samplers.CosineAnneal, samplers.RandomizedStepSize)
 _register("samplers.transforms", samplers.ClampGradient, samplers.ClampState, samplers.LangevinNoise,

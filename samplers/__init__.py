@@ -7,15 +7,19 @@
 """
 from samplers.ais import AISResult, annealed_importance_sampling, geometric_schedule
 from samplers.base import SamplerWarning
+from samplers.buffer import BufferDraw, ChainBuffer
 from samplers.diagnostics import bulk_ess, effective_sample_size, rank_rhat, split_rhat, summary_table, tail_ess
 from samplers.energy import EnergyAndGrad, energy_and_grad, log_density, vectorize
 from samplers.gradient_descent import GradientDescent
 from samplers.hmc import HMC
 from samplers.langevin import Langevin
 from samplers.mala import MALA
+from samplers.mass import DenseMass, LowRankMass
+from samplers.meads import MEADS
 from samplers.nuts import NUTS
 from samplers.parametrization import Parametrization, SoftmaxParametrization
-from samplers.sgmcmc import SGLD, MinibatchEnergy
+from samplers.pyro_nuts import PyroNUTS
+from samplers.sgmcmc import SGHMC, SGLD, MinibatchEnergy
 from samplers.schedules import Constant, CosineAnneal, GeometricAnneal, LinearAnneal, RandomizedStepSize, Schedule
 from samplers.trajectory import INFO_FIELDS, Trajectory
 from samplers.transforms import ClampGradient, ClampState, Detach, LangevinNoise, Transform, WarmupLangevinNoise
@@ -41,8 +45,12 @@ __all__ = [
     "Langevin",
     "LinearAnneal",
     "MALA",
+    "DenseMass",
+    "LowRankMass",
+    "MEADS",
     "NUTS",
     "Parametrization",
+    "PyroNUTS",
     "RandomizedStepSize",
     "SamplerWarning",
     "Schedule",
@@ -56,5 +64,6 @@ __all__ = [
     "log_density",
     "split_rhat", "rank_rhat", "bulk_ess", "tail_ess", "vectorize", "AISResult",
     "annealed_importance_sampling", "geometric_schedule", "SGLD", "MinibatchEnergy",
+    "SGHMC", "ChainBuffer", "BufferDraw",
     "summary_table",
 ]

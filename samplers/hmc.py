@@ -9,14 +9,15 @@ that chain is rejected (keeps its state), the others are unaffected.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from samplers.base import StepContext, StepSize, chain_mean, evaluate
+from samplers.chees import ChEESAdaptation, QuarterTurn, jitter_factor, mean_step_size, steps_for
 from samplers.energy import EnergyFn
-from samplers.integrators import kinetic_energy, leapfrog, sample_momentum
+from samplers.integrators import kinetic_energy, leapfrog, sample_momentum, velocity
 from samplers.metropolis import MetropolisInfo, MetropolisSampler, Tuning, metropolis_accept, select
 from samplers.transforms import Transform
 
@@ -62,6 +63,34 @@ def step(
     """One HMC transition. ``step_size`` / ``inverse_mass`` broadcast against the state (per chain or
     per element); ``step_size_jitter`` in [0, 1) scales the step size per chain (see
     ``jittered_step_size``), and the info reports the step size actually used."""
+    new_state, info, _ = transition(state, energy_fn, step_size=step_size, generator=generator,
+                                    num_leapfrog_steps=num_leapfrog_steps, inverse_mass=inverse_mass,
+                                    transforms=transforms, max_energy_error=max_energy_error,
+                                    step_size_jitter=step_size_jitter)
+    return new_state, info
+
+
+class Proposal(NamedTuple):
+    """The end of one transition's trajectory, before the accept test (what ChEES adapts from)."""
+
+    y: Tensor  # [C, *event]
+    momentum: Tensor  # [C, *event] p at the end (velocity M^-1 p computed only where needed)
+    step_size: Tensor  # the (jittered) step size used, broadcast against the state
+
+
+def transition(
+    state: HMCState,
+    energy_fn: EnergyFn,
+    *,
+    step_size: Tensor,
+    generator: Optional[torch.Generator] = None,
+    num_leapfrog_steps: int = 10,
+    inverse_mass: Optional[Tensor] = None,
+    transforms: Sequence[Transform] = (),
+    max_energy_error: float = 1000.0,
+    step_size_jitter: float = 0.0,
+) -> tuple[HMCState, MetropolisInfo, Proposal]:
+    """``step`` that also returns the proposal (its state, final velocity and step size)."""
     step_size = jittered_step_size(step_size, state.y, step_size_jitter, generator)
     momentum, initial_kinetic = sample_momentum(state.y, inverse_mass, generator)
     y_new, momentum_new, evaluated = leapfrog(
@@ -87,20 +116,76 @@ def step(
         select(accepted, evaluated.grad, state.grad),
     )
     info = MetropolisInfo(acceptance_prob, accepted, divergent, chain_mean(step_size, state.y), energy_error)
-    return new_state, info
+    return new_state, info, Proposal(y_new, momentum_new, step_size)
+
+
+TRAJECTORIES = ("auto", "fixed", "chees", "quarter_turn")
+DEFAULT_LEAPFROG_STEPS = 10  # the fixed length when none is given and nothing adapts it
+PILOT_LEAPFROG_STEPS = 8  # quarter_turn's warmup length when none is given
+QUARTER_TURN_JITTER = 0.3  # quarter_turn's default step-size jitter (randomises the faster directions' phases)
+
+
+class HMCInfo(NamedTuple):
+    """``MetropolisInfo`` plus the number of leapfrog steps (energy+gradient evaluations) of the transition."""
+
+    acceptance_prob: Tensor
+    accepted: Tensor
+    divergent: Tensor
+    step_size: Tensor
+    energy_error: Tensor
+    num_leapfrog_steps: Tensor  # [C], the same for every chain of one transition
+
+
+class HMCTuning(NamedTuple):
+    """What one transition uses: the Metropolis tuning plus the trajectory length."""
+
+    metropolis: Tuning
+    trajectory: Optional[Union[ChEESAdaptation, QuarterTurn]]  # adapting it (warmup only), else None
+    num_leapfrog_steps: Optional[int]  # a fixed L (fixed, quarter_turn after its warmup)
+    length_over_step: Optional[float]  # chees after its warmup: L_n = ceil(u_n * T / eps)
+
+    @property
+    def step_size(self) -> Tensor:
+        return self.metropolis.step_size
+
+    @property
+    def inverse_mass(self) -> Optional[Tensor]:
+        return self.metropolis.inverse_mass
 
 
 class HMC(MetropolisSampler):
-    """Batched HMC with ``num_leapfrog_steps`` leapfrog steps per transition.
+    """Batched HMC: every chain its own momentum and accept test, the trajectory length fixed or adapted.
 
     ``step_size``: float, [C] (per chain) or per element; ``inverse_mass``: diagonal M^-1 broadcastable to
     the state (default identity). During ``warmup`` the step size adapts per chain towards
     ``target_accept`` and the inverse mass to each chain's posterior variances; afterwards both are fixed.
 
+    The trajectory length (``trajectory``, see ``samplers.chees``):
+    - ``"fixed"``: ``num_leapfrog_steps`` (default 10) leapfrog steps every transition, the textbook HMC;
+    - ``"chees"``: the trajectory length T = eps * L adapted during warmup by ChEES across chains, sampled
+      with Halton-jittered lengths ``L_n = ceil(u_n T / eps)``, u_n in (0, 1] (``num_leapfrog_steps``, if
+      given, sets the initial T = eps * L; default 10 steps; ``max_leapfrog_steps`` caps L);
+    - ``"quarter_turn"``: warmup with ``num_leapfrog_steps`` (default 8), then L fixed by the quarter-turn
+      rule ``ceil((pi / 2) sqrt(lambda_max) / eps)`` from the warmup's last draws, sampled with step-size
+      jitter (0.3 unless ``step_size_jitter`` is given);
+    - ``"auto"`` (default): ``"fixed"`` when ``num_leapfrog_steps`` is given or there is no warmup, else
+      ``"chees"`` (measured the best of the three in ``benchmarks/sampler_speed.py``; see docs/samplers.md).
+    ChEES and the quarter-turn rule estimate moments across chains, so they assume (like ``pooled_mass``)
+    that every chain samples the same target; with per-chain targets pass ``num_leapfrog_steps``.
+    ``step_size_statistic`` (with ``shared_step_size``): the mean over chains of the acceptance probabilities
+    that dual averaging steers to ``target_accept`` -- ``"arithmetic"``, or ``"harmonic"`` (a few chains that
+    cannot move, as in a funnel's neck, pull the step size down; ChEES-HMC's statistic). ``"auto"``: harmonic
+    when the trajectory length adapts, arithmetic for a fixed one (the textbook sampler, and earlier numbers).
+    Each transition's leapfrog count is in ``info["num_leapfrog_steps"]``; the adapted ones in
+    ``trajectory.adapted`` (``trajectory_length`` for ChEES, ``num_leapfrog_steps`` otherwise).
+
     When every chain samples the same target, ``pooled_mass=True`` estimates one mass matrix from all
     chains' draws and ``shared_step_size=True`` adapts one step size from the chains' mean acceptance:
     far less noise for the same warmup. Both default off because the energy contract allows a different
-    target per chain (an EBT batch), where pooling would be wrong. ``step_size_jitter=j`` multiplies the
+    target per chain (an EBT batch), where pooling would be wrong. ``mass="dense"`` or ``"low_rank"`` (with
+    ``mass_rank=k``) adapts a dense or low-rank-plus-diagonal mass instead of a diagonal one, always pooled
+    (they need ``pooled_mass=True``); ``inverse_mass`` may also be a fixed ``samplers.mass.DenseMass`` /
+    ``LowRankMass`` (see ``samplers.mass`` for costs). ``step_size_jitter=j`` multiplies the
     step size of every chain and transition by an independent uniform factor in [1 - j, 1 + j], which
     breaks the resonance of a fixed trajectory length eps * L (worth turning on whenever the mass matrix
     nearly whitens the target; off by default so that ``HMC(eps, L)`` is the textbook sampler).
@@ -115,7 +200,7 @@ class HMC(MetropolisSampler):
     def __init__(
         self,
         step_size: StepSize = 0.1,
-        num_leapfrog_steps: int = 10,
+        num_leapfrog_steps: Optional[int] = None,
         *,
         inverse_mass: Optional[Tensor] = None,
         adapt_step_size: bool = True,
@@ -125,7 +210,12 @@ class HMC(MetropolisSampler):
         transforms: Sequence[Transform] = (),
         pooled_mass: bool = False,
         shared_step_size: bool = False,
-        step_size_jitter: float = 0.0,
+        step_size_jitter: Optional[float] = None,
+        trajectory: str = "auto",
+        max_leapfrog_steps: int = 1000,
+        step_size_statistic: str = "auto",
+        mass: str = "diagonal",
+        mass_rank: Optional[int] = None,
     ) -> None:
         super().__init__(
             step_size,
@@ -137,36 +227,124 @@ class HMC(MetropolisSampler):
             transforms=transforms,
             pooled_mass=pooled_mass,
             shared_step_size=shared_step_size,
+            mass=mass,
+            mass_rank=mass_rank,
         )
-        if not 0.0 <= step_size_jitter < 1.0:
+        if trajectory not in TRAJECTORIES:
+            raise ValueError(f"trajectory must be one of {', '.join(TRAJECTORIES)}, got {trajectory!r}")
+        if step_size_jitter is not None and not 0.0 <= step_size_jitter < 1.0:
             raise ValueError(f"step_size_jitter must be in [0, 1) (a step size factor in [1 - j, 1 + j]), got "
                              f"{step_size_jitter!r}")
-        self.step_size_jitter = step_size_jitter
-        if not isinstance(num_leapfrog_steps, int) or num_leapfrog_steps < 1:
+        if num_leapfrog_steps is not None and (not isinstance(num_leapfrog_steps, int) or num_leapfrog_steps < 1):
             raise ValueError(f"num_leapfrog_steps must be a positive int, got {num_leapfrog_steps!r}")
+        if not isinstance(max_leapfrog_steps, int) or max_leapfrog_steps < 1:
+            raise ValueError(f"max_leapfrog_steps must be a positive int, got {max_leapfrog_steps!r}")
+        if step_size_statistic not in ("auto", "arithmetic", "harmonic"):
+            raise ValueError(f"step_size_statistic must be 'auto', 'arithmetic' or 'harmonic', got "
+                             f"{step_size_statistic!r}")
+        self.step_size_statistic = step_size_statistic
+        self.trajectory, self.max_leapfrog_steps = trajectory, max_leapfrog_steps
+        self._step_size_jitter = step_size_jitter
         self.num_leapfrog_steps = num_leapfrog_steps
+
+    @property
+    def step_size_jitter(self) -> float:
+        if self._step_size_jitter is not None:
+            return self._step_size_jitter
+        return QUARTER_TURN_JITTER if self.trajectory == "quarter_turn" else 0.0
+
+    def _trajectory_rule(self, warmup: int) -> str:
+        if self.trajectory != "auto":
+            return self.trajectory
+        return "fixed" if self.num_leapfrog_steps is not None or warmup == 0 else "chees"
+
+    def _begin(self, y0: Tensor, warmup: int) -> HMCTuning:
+        metropolis = super()._begin(y0, warmup)
+        rule = self._trajectory_rule(warmup)
+        if metropolis.adaptation is not None:
+            statistic = self.step_size_statistic
+            harmonic = statistic == "harmonic" or (statistic == "auto" and rule != "fixed")
+            metropolis.adaptation.harmonic_acceptance = harmonic
+        if rule == "fixed":
+            return HMCTuning(metropolis, None, self.num_leapfrog_steps or DEFAULT_LEAPFROG_STEPS, None)
+        if warmup == 0:
+            raise ValueError(f"trajectory={rule!r} adapts the trajectory length during warmup: pass warmup > 0, "
+                             "or trajectory='fixed' with num_leapfrog_steps")
+        if rule == "chees":
+            initial = (self.num_leapfrog_steps or DEFAULT_LEAPFROG_STEPS) * mean_step_size(metropolis.step_size)
+            adapter = ChEESAdaptation(initial, max_leapfrog_steps=self.max_leapfrog_steps)
+            return HMCTuning(metropolis, adapter, None, None)
+        windows = metropolis.adaptation.windows if metropolis.adaptation is not None else []
+        collect_from = windows[-1][1] if windows else warmup // 2
+        return HMCTuning(metropolis, QuarterTurn(collect_from, warmup, max_leapfrog_steps=self.max_leapfrog_steps),
+                         self.num_leapfrog_steps or PILOT_LEAPFROG_STEPS, None)
+
+    def _leapfrog_steps(self, tuning: HMCTuning, index: int) -> int:
+        if isinstance(tuning.trajectory, ChEESAdaptation):
+            return tuning.trajectory.num_steps(index, mean_step_size(tuning.step_size))
+        if tuning.length_over_step is not None:
+            return steps_for(jitter_factor(index) * tuning.length_over_step, 1.0, self.max_leapfrog_steps)
+        return tuning.num_leapfrog_steps
 
     def _init(self, y0: Tensor, energy_fn: EnergyFn, transforms: Sequence[Transform], create_graph: bool) -> HMCState:
         return init(y0, energy_fn)
 
     def _transition(
-        self, state: HMCState, energy_fn: EnergyFn, transforms: Sequence[Transform], tuning: Tuning, ctx: StepContext
-    ) -> tuple[HMCState, MetropolisInfo]:
-        return step(
+        self, state: HMCState, energy_fn: EnergyFn, transforms: Sequence[Transform], tuning: HMCTuning,
+        ctx: StepContext
+    ) -> tuple[HMCState, HMCInfo]:
+        num_steps = self._leapfrog_steps(tuning, ctx.index)
+        new_state, info, proposal = transition(
             state,
             energy_fn,
             step_size=tuning.step_size,
             generator=ctx.generator,
-            num_leapfrog_steps=self.num_leapfrog_steps,
+            num_leapfrog_steps=num_steps,
             inverse_mass=tuning.inverse_mass,
             transforms=transforms,
             max_energy_error=self.max_energy_error,
             step_size_jitter=self.step_size_jitter,
         )
+        if isinstance(tuning.trajectory, ChEESAdaptation):
+            tuning.trajectory.update(ctx.index, state.y, proposal.y, velocity(proposal.momentum, tuning.inverse_mass),
+                                     info.acceptance_prob, chain_mean(proposal.step_size, state.y),
+                                     mean_step_size(tuning.step_size), tuning.inverse_mass)
+        steps = torch.full_like(info.acceptance_prob, float(num_steps))
+        return new_state, HMCInfo(*info, steps)
+
+    def _adapt(self, tuning: HMCTuning, step_index: int, warmup: int, state, info: HMCInfo) -> HMCTuning:
+        adaptation = tuning.metropolis.adaptation
+        window_closed = adaptation is not None and step_index in adaptation._window_ends
+        metropolis = super()._adapt(tuning.metropolis, step_index, warmup, state, info)
+        trajectory = tuning.trajectory
+        if trajectory is None or step_index >= warmup:
+            return tuning._replace(metropolis=metropolis)
+        if isinstance(trajectory, QuarterTurn):
+            trajectory.update(step_index, state.y, metropolis.inverse_mass)
+        elif window_closed:
+            trajectory.restart()
+        if step_index < warmup - 1:
+            return tuning._replace(metropolis=metropolis)
+        # End of warmup: freeze the trajectory length with the final step size.
+        final_step = mean_step_size(metropolis.step_size)
+        if isinstance(trajectory, QuarterTurn):
+            return HMCTuning(metropolis, None, trajectory.num_steps(final_step), None)
+        return HMCTuning(metropolis, None, None, trajectory.final_length() / final_step)
+
+    def _adapted(self, tuning: HMCTuning, y0: Tensor) -> dict[str, Tensor]:
+        adapted = super()._adapted(tuning.metropolis, y0)
+        if tuning.length_over_step is not None:
+            step = mean_step_size(tuning.step_size)
+            adapted["trajectory_length"] = torch.tensor(tuning.length_over_step * step)
+        elif tuning.num_leapfrog_steps is not None and self.trajectory == "quarter_turn":
+            adapted["num_leapfrog_steps"] = torch.tensor(tuning.num_leapfrog_steps)
+        return adapted
 
     def extra_repr(self) -> str:
         return (
-            f"num_leapfrog_steps={self.num_leapfrog_steps}, adapt_step_size={self.adapt_step_size}, "
-            f"adapt_mass={self.adapt_mass}, target_accept={self.target_accept}, pooled_mass={self.pooled_mass}, "
-            f"shared_step_size={self.shared_step_size}, step_size_jitter={self.step_size_jitter}"
+            f"num_leapfrog_steps={self.num_leapfrog_steps}, trajectory={self.trajectory!r}, "
+            f"adapt_step_size={self.adapt_step_size}, adapt_mass={self.adapt_mass}, "
+            f"target_accept={self.target_accept}, pooled_mass={self.pooled_mass}, "
+            f"shared_step_size={self.shared_step_size}, step_size_jitter={self.step_size_jitter}, "
+            f"mass={self.mass!r}, mass_rank={self.mass_rank}"
         )

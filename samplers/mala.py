@@ -9,6 +9,13 @@ uses the same transformed g in both directions, so the chain is exact for any su
 normalizers cancel because eta does not depend on the state (it may differ per chain or per element).
 Non-finite proposals (energy or gradient) and energy errors above ``max_energy_error`` are divergent:
 rejected for that chain only.
+
+Preconditioned (``inverse_mass`` Sigma: a diagonal tensor or a dense / low-rank ``samplers.mass`` matrix):
+y' = y - eta Sigma g(y) + sqrt(2 eta) Sigma^{1/2} xi, i.e. q(y' | y) = N(y - eta Sigma g(y), 2 eta Sigma) (with
+eta = eps^2 / 2 this is y - eps^2/2 Sigma g + eps Sigma^{1/2} xi), and the MH ratio uses that asymmetric
+density in both directions, each through ``samplers.mass.proposal_log_density``. Without a mass (``None``)
+the identity path above is unchanged. During warmup ``MALA(adapt_mass=True)`` adapts a diagonal, dense or
+low-rank Sigma in Stan's windows, exactly as HMC does (``samplers.adaptation``).
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ from torch import Tensor
 
 from samplers.base import StepContext, StepSize, chain_mean, evaluate
 from samplers.energy import EnergyFn, energy_and_grad
+from samplers.mass import InverseMass, preconditioned_drift, proposal_log_density, propose
 from samplers.metropolis import MetropolisInfo, MetropolisSampler, Tuning, metropolis_accept, select
 from samplers.transforms import Transform, apply_grad
 
@@ -46,17 +54,27 @@ def step(
     generator: Optional[torch.Generator] = None,
     transforms: Sequence[Transform] = (),
     max_energy_error: float = 1000.0,
+    inverse_mass: Optional[InverseMass] = None,
 ) -> tuple[MALAState, MetropolisInfo]:
-    """One MALA transition; ``step_size`` broadcasts against the state."""
+    """One MALA transition; ``step_size`` broadcasts against the state (per chain only with a dense or
+    low-rank ``inverse_mass``, whose density needs eta to commute with Sigma)."""
     y = state.y
     drift = apply_grad(transforms, state.grad, step_size)
     noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
-    proposal = y - step_size * drift + torch.sqrt(2.0 * step_size) * noise
-    evaluated = energy_and_grad(energy_fn, proposal)
-    reverse_drift = apply_grad(transforms, evaluated.grad, step_size)
-    # log q(y'|y) = -|y' - y + eta g(y)|^2 / (4 eta) = -|xi|^2 / 2 (same constant in both directions).
-    log_forward = -0.5 * _sum_event(noise.square())
-    log_reverse = -_sum_event((y - proposal + step_size * reverse_drift).square() / (4.0 * step_size))
+    if inverse_mass is None:
+        proposal = y - step_size * drift + torch.sqrt(2.0 * step_size) * noise
+        evaluated = energy_and_grad(energy_fn, proposal)
+        reverse_drift = apply_grad(transforms, evaluated.grad, step_size)
+        # log q(y'|y) = -|y' - y + eta g(y)|^2 / (4 eta) = -|xi|^2 / 2 (same constant in both directions).
+        log_forward = -0.5 * _sum_event(noise.square())
+        log_reverse = -_sum_event((y - proposal + step_size * reverse_drift).square() / (4.0 * step_size))
+    else:
+        drift = preconditioned_drift(drift, inverse_mass)  # Sigma g(y)
+        proposal = propose(y, drift, step_size, noise, inverse_mass)
+        evaluated = energy_and_grad(energy_fn, proposal)
+        reverse_drift = preconditioned_drift(apply_grad(transforms, evaluated.grad, step_size), inverse_mass)
+        log_forward = proposal_log_density(proposal, y, drift, step_size, inverse_mass)
+        log_reverse = proposal_log_density(y, proposal, reverse_drift, step_size, inverse_mass)
     energy_error = evaluated.energy - state.energy - log_reverse + log_forward  # = -log a
     acceptance_prob, accepted, divergent, energy_error = metropolis_accept(
         energy_error, evaluated.grad, generator, max_energy_error
@@ -71,7 +89,13 @@ def step(
 
 class MALA(MetropolisSampler):
     """Batched MALA; during ``warmup`` the step size adapts per chain towards ``target_accept``
-    (0.574, optimal for MALA in high dimension), then stays fixed."""
+    (0.574, optimal for MALA in high dimension), then stays fixed.
+
+    ``inverse_mass`` (default identity) preconditions the proposal: a diagonal tensor broadcasting to the
+    state, or a ``samplers.mass.DenseMass`` / ``LowRankMass``. ``adapt_mass=True`` (default off, so that
+    ``MALA(eps)`` stays the plain sampler) adapts it during warmup like ``HMC``: ``mass="diagonal"`` per
+    chain (or pooled with ``pooled_mass=True``), ``"dense"`` or ``"low_rank"`` (``mass_rank=k``) pooled over
+    chains, which requires ``pooled_mass=True`` (every chain samples the same target)."""
 
     def __init__(
         self,
@@ -81,15 +105,25 @@ class MALA(MetropolisSampler):
         target_accept: float = 0.574,
         max_energy_error: float = 1000.0,
         transforms: Sequence[Transform] = (),
+        inverse_mass: Optional[InverseMass] = None,
+        adapt_mass: bool = False,
+        mass: str = "diagonal",
+        mass_rank: Optional[int] = None,
+        pooled_mass: bool = False,
+        shared_step_size: bool = False,
     ) -> None:
         super().__init__(
             step_size,
-            inverse_mass=None,
+            inverse_mass=inverse_mass,
             adapt_step_size=adapt_step_size,
-            adapt_mass=False,
+            adapt_mass=adapt_mass,
             target_accept=target_accept,
             max_energy_error=max_energy_error,
             transforms=transforms,
+            pooled_mass=pooled_mass,
+            shared_step_size=shared_step_size,
+            mass=mass,
+            mass_rank=mass_rank,
         )
 
     def _init(self, y0: Tensor, energy_fn: EnergyFn, transforms: Sequence[Transform], create_graph: bool) -> MALAState:
@@ -105,7 +139,10 @@ class MALA(MetropolisSampler):
             generator=ctx.generator,
             transforms=transforms,
             max_energy_error=self.max_energy_error,
+            inverse_mass=tuning.inverse_mass,
         )
 
     def extra_repr(self) -> str:
-        return f"adapt_step_size={self.adapt_step_size}, target_accept={self.target_accept}"
+        return (f"adapt_step_size={self.adapt_step_size}, target_accept={self.target_accept}, "
+                f"adapt_mass={self.adapt_mass}, mass={self.mass!r}, mass_rank={self.mass_rank}, "
+                f"pooled_mass={self.pooled_mass}, shared_step_size={self.shared_step_size}")

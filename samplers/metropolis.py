@@ -1,6 +1,6 @@
 """Shared plumbing of the Metropolis-corrected samplers (MALA, HMC): the per-chain accept test and a
 ``Sampler`` base that refuses the differentiable mode and detailed-balance-breaking transforms, and
-adapts the step size (and diagonal mass) during warmup only.
+adapts the step size (and the mass: diagonal, dense or low rank, see ``samplers.mass``) during warmup only.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from samplers.adaptation import WarmupAdaptation
+from samplers.adaptation import WarmupAdaptation, check_mass_kind
 from samplers.base import (
     Sampler,
     StepSize,
@@ -20,6 +20,7 @@ from samplers.base import (
     finite_chains,
     per_chain,
 )
+from samplers.mass import InverseMass, MassMatrix
 from samplers.transforms import Transform, check_detailed_balance
 
 
@@ -59,7 +60,7 @@ class MetropolisInfo(NamedTuple):
 
 class Tuning(NamedTuple):
     step_size: Tensor  # broadcasts to the state; [C, 1, ...] while adapting
-    inverse_mass: Optional[Tensor]  # broadcasts to the state; None is the identity
+    inverse_mass: Optional[InverseMass]  # a tensor broadcasting to the state, a MassMatrix, or None (identity)
     adaptation: Optional[WarmupAdaptation]  # None once (or if never) adapting
 
 
@@ -75,7 +76,7 @@ class MetropolisSampler(Sampler):
         self,
         step_size: StepSize,
         *,
-        inverse_mass: Optional[Tensor],
+        inverse_mass: Optional[InverseMass],
         adapt_step_size: bool,
         adapt_mass: bool,
         target_accept: float,
@@ -83,15 +84,22 @@ class MetropolisSampler(Sampler):
         transforms: Sequence[Transform],
         pooled_mass: bool = False,
         shared_step_size: bool = False,
+        mass: str = "diagonal",
+        mass_rank: Optional[int] = None,
     ) -> None:
         super().__init__(transforms)
+        check_mass_kind(mass, mass_rank, adapt_mass=adapt_mass, pooled_mass=pooled_mass)
         check_detailed_balance(transforms, type(self).__name__)
         if not 0.0 < target_accept < 1.0:
             raise ValueError(f"target_accept must be in (0, 1), got {target_accept}")
         if not max_energy_error > 0:
             raise ValueError(f"max_energy_error must be positive, got {max_energy_error}")
         self.register_buffer("step_size", copy_as_tensor(step_size))
-        self.register_buffer("inverse_mass", None if inverse_mass is None else copy_as_tensor(inverse_mass))
+        if isinstance(inverse_mass, MassMatrix):
+            self.inverse_mass = inverse_mass  # a submodule: moves and saves with the sampler
+        else:
+            self.register_buffer("inverse_mass", None if inverse_mass is None else copy_as_tensor(inverse_mass))
+        self.mass, self.mass_rank = mass, mass_rank
         self.adapt_step_size, self.adapt_mass = adapt_step_size, adapt_mass
         self.target_accept, self.max_energy_error = target_accept, max_energy_error
         self.pooled_mass, self.shared_step_size = pooled_mass, shared_step_size
@@ -99,9 +107,7 @@ class MetropolisSampler(Sampler):
     def _begin(self, y0: Tensor, warmup: int) -> Tuning:
         step_size = as_step_size(self.step_size, y0)
         check_positive(step_size, f"{type(self).__name__} step_size")
-        inverse_mass = None if self.inverse_mass is None else as_step_size(self.inverse_mass, y0, name="inverse_mass")
-        if inverse_mass is not None:
-            check_positive(inverse_mass, "inverse_mass")
+        inverse_mass = self._initial_inverse_mass(y0)
         if warmup == 0 or not (self.adapt_step_size or self.adapt_mass):
             return Tuning(step_size, inverse_mass, None)
         if self.adapt_step_size:
@@ -109,14 +115,32 @@ class MetropolisSampler(Sampler):
         adaptation = WarmupAdaptation(
             warmup,
             step_size.clone(),
-            None if inverse_mass is None else inverse_mass.expand_as(y0).clone(),
+            inverse_mass if inverse_mass is None or isinstance(inverse_mass, MassMatrix) else
+            inverse_mass.expand_as(y0).clone(),
             target_accept=self.target_accept,
             adapt_step_size=self.adapt_step_size,
             adapt_mass=self.adapt_mass,
             pooled_mass=self.pooled_mass,
             shared_step_size=self.shared_step_size,
+            mass=self.mass,
+            mass_rank=self.mass_rank,
         )
         return Tuning(adaptation.step_size, adaptation.inverse_mass, adaptation)
+
+    def _initial_inverse_mass(self, y0: Tensor) -> Optional[InverseMass]:
+        """The given inverse mass checked against ``y0`` and in its dtype and device (and the rank checked)."""
+        event_size = y0[0].numel()
+        if self.mass == "low_rank" and self.adapt_mass and self.mass_rank >= event_size:
+            raise ValueError(f"mass_rank={self.mass_rank} must be below the event size {event_size}; use "
+                             "mass='dense' for a full-rank mass")
+        if isinstance(self.inverse_mass, MassMatrix):
+            self.inverse_mass.check(y0)
+            return self.inverse_mass.cast(y0)
+        if self.inverse_mass is None:
+            return None
+        inverse_mass = as_step_size(self.inverse_mass, y0, name="inverse_mass")
+        check_positive(inverse_mass, "inverse_mass")
+        return inverse_mass
 
     def _adapt(self, tuning: Tuning, step_index: int, warmup: int, state, info: MetropolisInfo) -> Tuning:
         adaptation = tuning.adaptation
@@ -129,7 +153,9 @@ class MetropolisSampler(Sampler):
 
     def _adapted(self, tuning: Tuning, y0: Tensor) -> dict[str, Tensor]:
         adapted = {"step_size": chain_mean(tuning.step_size, y0)}
-        if tuning.inverse_mass is not None:
+        if isinstance(tuning.inverse_mass, MassMatrix):
+            adapted.update(tuning.inverse_mass.tensors())  # e.g. inverse_mass_matrix [d, d] (samplers.mass)
+        elif tuning.inverse_mass is not None:
             adapted["inverse_mass"] = tuning.inverse_mass.expand_as(y0)
         return adapted
 

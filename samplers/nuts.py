@@ -1,215 +1,67 @@
-"""NUTS: an adapter over pyro-ppl's No-U-Turn sampler (``pyro.infer.NUTS(potential_fn=...)``).
+"""NUTS: a natively batched No-U-Turn sampler (multinomial, generalized U-turn criterion, as in Stan).
 
-The energy is pyro's potential. Pyro's NUTS is correct and adaptive (dual averaging of the step size,
-windowed diagonal mass matrix, multinomial trajectory sampling) but it drives one chain at a time from
-Python: every leapfrog step is a separate, unbatched energy call plus Python tree bookkeeping with host
-syncs. This adapter therefore runs the C chains one after another, each with its own kernel, RNG seed
-and adaptation (pyro's own multi-chain ``MCMC`` would use one process per chain instead: process start-up
-and pickling per run, and a speed-up only where a free core per chain exists). Expect it to be two to three
-orders of magnitude slower per effective sample than the batched ``HMC`` (``benchmarks/sampler_speed.py``
-measures it): use it as a correct, tuning-free reference, and ``HMC`` for throughput.
+Every chain builds its own trajectory, but all chains build them in lockstep: doubling d integrates 2^d
+leapfrog steps for every chain at once (one batched energy+gradient call per step), each chain from its
+own end of its own tree, in its own random direction. A chain whose tree has stopped (U-turn, divergence)
+keeps being integrated with the others -- the energy contract takes all C rows in one call -- but is
+masked with ``torch.where``, so nothing about it changes any more.
 
-Per-step info, recorded from inside pyro's tree building (its ``sample`` keeps them local):
-- ``acceptance_prob``: mean Metropolis acceptance probability over the tree's leaves (the statistic
-  step-size adaptation targets; pyro's running average ``acc. prob`` is the mean of these).
-- ``accepted``: whether the transition moved the state. NUTS samples a point of the whole trajectory,
-  so it (almost) always moves; a False marks a transition that stayed at its start.
-- ``divergent``: pyro flagged a leaf whose energy error exceeded 1000 (or was NaN).
-- ``step_size``, ``tree_depth`` (number of doublings) and ``num_leapfrog_steps`` (gradient evaluations).
+One transition (Betancourt 2017, "A conceptual introduction to HMC", appendix A; Stan's ``base_nuts``):
+
+- Momentum p ~ N(0, M); the tree starts as the single point (y, p); H0 = E(y) + K(p).
+- Doubling d = 0, 1, ...: a fresh direction per chain; a subtree of 2^d new leaves extends the tree on
+  that side. Leaves carry the multinomial weight exp(-(H - H0)). Inside the subtree the candidate sample
+  is drawn progressively and *uniformly*: leaf n replaces it with probability w_n / (w_0 + ... + w_n),
+  which leaves every leaf chosen with probability w_n / W_subtree. The subtree's candidate then replaces
+  the tree's sample with probability min(1, W_subtree / W_tree) (*biased* progressive sampling, which
+  favours the far end of the trajectory).
+- Generalized U-turn criterion: for a run of leaves with momentum sum rho and velocities M^-1 p at its two
+  ends, continue while both velocities have a positive dot product with rho. It is checked for every
+  complete sub-subtree as the subtree grows (the sizes 2, 4, ... ending at each leaf), for the merged
+  tree after each doubling, and, as Stan does, across each merge: (first half + first leaf of the second
+  half) and (last leaf of the first half + second half), which catches U-turns that fall between halves.
+- A leaf with H - H0 above ``max_energy_error`` (1000) or non-finite is divergent. A subtree that turns
+  or diverges inside is discarded whole (its candidate is never used) and the tree stops; a subtree that
+  is complete is merged, and the tree stops if the merged tree turns. ``max_tree_depth`` caps the
+  doublings: at most 2^max_tree_depth - 1 leapfrog steps.
+
+Memory: leaves are consumed as they are made. The sub-subtree checks need, per level of the subtree, one
+summary of the last complete left half (momentum sum and the momenta and velocities at its two ends),
+so a chain holds O(depth) tensors of its state's size, never the trajectory.
+
+Host syncs: none per leapfrog step. After each doubling one ``bool(done.all())`` stops the transition
+once every chain's tree has stopped (at most ``max_tree_depth`` syncs per transition); otherwise every
+doubling would run to the cap.
+
+Per-step info: ``acceptance_prob`` (mean over the tree's leaves of min(1, exp(-(H - H0))), 0 for a divergent
+leaf: the statistic step-size adaptation targets), ``accepted`` (the sample is not the starting point),
+``divergent``, ``step_size``, ``tree_depth`` (doublings attempted, the last one included even if it stopped
+inside) and ``num_leapfrog_steps`` (leaves integrated until the tree stopped: 2^tree_depth - 1 exactly
+when its last subtree was complete).
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
-import pyro.infer
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from samplers.base import Recorder, check_final_energy, check_run_args
-from samplers.energy import EnergyFn, check_energy_shape, check_finite_start, energy_and_grad
-from samplers.trajectory import Trajectory
-
-_SITE = "y"  # the single pyro "site" holding one chain's state [*event]
-
-
-class _RecordingNUTS(pyro.infer.NUTS):
-    """pyro's NUTS, unchanged, recording what one transition did (its ``sample`` keeps it local)."""
-
-    def begin_transition(self) -> None:
-        self.leaf_accept_probs: list[Tensor] = []
-        self.leaf_divergent: list[Tensor] = []
-        self.num_doublings = 0
-
-    def _build_basetree(self, z, r, z_grads, log_slice, direction, energy_current):
-        tree = super()._build_basetree(z, r, z_grads, log_slice, direction, energy_current)
-        self.leaf_accept_probs.append(tree.sum_accept_probs)
-        self.leaf_divergent.append(torch.as_tensor(tree.diverging))
-        return tree
-
-    def _build_tree(self, z, r, z_grads, log_slice, direction, tree_depth, energy_current):
-        # sample() calls this with depth 0, 1, 2, ... once per doubling; recursive calls go shallower.
-        self.num_doublings = max(self.num_doublings, tree_depth + 1)
-        return super()._build_tree(z, r, z_grads, log_slice, direction, tree_depth, energy_current)
+from samplers.base import StepContext, StepSize, chain_mean, evaluate, per_chain
+from samplers.energy import EnergyFn
+from samplers.integrators import kinetic_energy, leapfrog, sample_momentum, velocity
+from samplers.metropolis import MetropolisSampler, Tuning, select
+from samplers.transforms import Transform
 
 
-class NUTS(nn.Module):
-    """No-U-Turn sampler (pyro-ppl) behind the samplers' ``run`` interface.
-
-    ``step_size`` is the initial step size; with ``adapt_step_size`` pyro first searches a reasonable one,
-    then adapts it by dual averaging towards ``target_accept`` during warmup; ``adapt_mass`` adapts a
-    diagonal inverse mass matrix in Stan's windows. ``max_tree_depth`` caps the doublings (2^depth - 1
-    leapfrog steps). ``per_chain_energy=True`` is for energies whose row c depends on c (chain c conditioned
-    on example c): each chain is then evaluated in place inside a full [C] batch (C times the compute per
-    gradient); by default one chain's state [*event] is unsqueezed to a batch of one.
-    """
-
-    def __init__(
-        self,
-        step_size: float = 0.1,
-        *,
-        adapt_step_size: bool = True,
-        adapt_mass: bool = True,
-        target_accept: float = 0.8,
-        max_tree_depth: int = 10,
-        per_chain_energy: bool = False,
-    ) -> None:
-        super().__init__()
-        if not (isinstance(step_size, (int, float)) and step_size > 0):
-            raise ValueError(f"NUTS step_size must be a positive float (pyro adapts one global step size per "
-                             f"chain), got {step_size!r}")
-        if not 0 < target_accept < 1:
-            raise ValueError(f"target_accept must be in (0, 1), got {target_accept}")
-        if not (isinstance(max_tree_depth, int) and max_tree_depth >= 1):
-            raise ValueError(f"max_tree_depth must be a positive int, got {max_tree_depth!r}")
-        self.step_size, self.adapt_step_size, self.adapt_mass = float(step_size), adapt_step_size, adapt_mass
-        self.target_accept, self.max_tree_depth, self.per_chain_energy = target_accept, max_tree_depth, per_chain_energy
-
-    def _kernel(self, potential_fn: Callable[[dict], Tensor]) -> _RecordingNUTS:
-        return _RecordingNUTS(
-            potential_fn=potential_fn,
-            step_size=self.step_size,
-            adapt_step_size=self.adapt_step_size,
-            adapt_mass_matrix=self.adapt_mass,
-            full_mass=False,
-            target_accept_prob=self.target_accept,
-            max_tree_depth=self.max_tree_depth,
-        )
-
-    def _potential(self, energy_fn: EnergyFn, y0: Tensor, chain: int) -> Callable[[dict], Tensor]:
-        """pyro potential for one chain: params {"y": [*event]} -> scalar energy (per-position summed)."""
-        if not self.per_chain_energy:
-            return lambda params: energy_fn(params[_SITE].unsqueeze(0)).sum()
-
-        def in_place(params: dict) -> Tensor:
-            batch = torch.cat([y0[:chain], params[_SITE].unsqueeze(0), y0[chain + 1 :]])  # [C, *event]
-            return energy_fn(batch)[chain].sum()
-
-        return in_place
-
-    def _validate(self, energy_fn: EnergyFn, y0: Tensor) -> None:
-        start = energy_and_grad(energy_fn, y0, validate=True)
-        check_finite_start(start.energy, start.grad)
-        if not self.per_chain_energy:
-            with torch.no_grad():
-                single = energy_fn(y0[:1])
-            try:
-                check_energy_shape(single, y0[:1])
-            except ValueError as error:
-                raise ValueError(f"NUTS evaluates one chain at a time as a batch of one, but {error} If row c "
-                                 "of your energy depends on c, pass NUTS(per_chain_energy=True).") from None
-
-    def _run_chain(self, energy_fn: EnergyFn, y0: Tensor, chain: int, warmup: int, num_steps: int, seed: int) -> dict:
-        """One chain through pyro: states [warmup+num_steps, *event] and per-step info lists."""
-        kernel = self._kernel(self._potential(energy_fn, y0, chain))
-        kernel.initial_params = {_SITE: y0[chain].detach()}
-        devices = [y0.device] if y0.device.type == "cuda" else []
-        record: dict[str, list] = {k: [] for k in ("y", "acceptance_prob", "accepted", "divergent", "step_size",
-                                                   "tree_depth", "num_leapfrog_steps")}
-        with torch.random.fork_rng(devices=devices):  # pyro draws from torch's global RNG: isolate and seed it
-            torch.manual_seed(seed)
-            kernel.setup(warmup)
-            params = kernel.initial_params
-            for _ in range(warmup + num_steps):
-                kernel.begin_transition()
-                step_size = kernel.step_size  # the step size this transition integrates with
-                new_params = kernel.sample(params)
-                record["y"].append(new_params[_SITE].detach())
-                record["acceptance_prob"].append(torch.stack(kernel.leaf_accept_probs).mean())
-                record["accepted"].append(torch.any(new_params[_SITE] != params[_SITE]))
-                record["divergent"].append(torch.stack(kernel.leaf_divergent).any())
-                record["step_size"].append(step_size)
-                record["tree_depth"].append(kernel.num_doublings)
-                record["num_leapfrog_steps"].append(len(kernel.leaf_accept_probs))
-                params = new_params
-        record["inverse_mass"] = kernel.inverse_mass_matrix[(_SITE,)].reshape(y0.shape[1:])
-        record["final_step_size"] = kernel.step_size
-        kernel.cleanup()
-        return record
-
-    def run(
-        self,
-        energy_fn: EnergyFn,
-        y0: Tensor,
-        *,
-        num_steps: int,
-        warmup: int = 0,
-        thin: int = 1,
-        generator: Optional[torch.Generator] = None,
-        differentiable: bool = False,
-        truncate: Optional[int] = None,
-        detach_between_steps: bool = False,
-        final_energy: str = "graph",
-    ) -> Trajectory:
-        """Run each of the C chains of ``y0`` [C, *event] for ``warmup`` + ``num_steps`` NUTS transitions.
-
-        Seeds for the chains are drawn from ``generator`` (or torch's global RNG), so a run is reproducible
-        and chains are independent. Returns a ``Trajectory`` like every sampler (``adapted``: the final
-        ``step_size`` [C] and diagonal ``inverse_mass`` [C, *event]). ``final_energy`` is accepted for the
-        shared signature: without a differentiable mode ``"graph"`` and ``"value"`` are the same, and
-        ``"skip"`` is refused (the trees need every energy).
-        """
-        check_final_energy(final_energy, "NUTS needs the energy of every state it visits (tree building and the "
-                                         "accept test)")
-        if differentiable:
-            raise ValueError("NUTS has no differentiable mode: its Metropolis-corrected, adaptively sized trees "
-                             "are not differentiable. Use GradientDescent or Langevin with differentiable=True.")
-        check_run_args(y0, num_steps, warmup, thin, generator, differentiable, truncate, detach_between_steps)
-        self._validate(energy_fn, y0)
-        device = generator.device if generator is not None else y0.device
-        seeds = torch.randint(0, 2**62, (y0.shape[0],), generator=generator, device=device).tolist()
-        chains = [self._run_chain(energy_fn, y0, c, warmup, num_steps, seed) for c, seed in enumerate(seeds)]
-        return self._trajectory(energy_fn, y0, chains, warmup, num_steps, thin)
-
-    def _trajectory(self, energy_fn: EnergyFn, y0: Tensor, chains: list[dict], warmup: int, num_steps: int,
-                    thin: int) -> Trajectory:
-        """Stack per-chain records into [T, C] and thin them exactly like the batched samplers."""
-        def stacked(name: str, dtype: torch.dtype) -> Tensor:  # [warmup + num_steps, C]
-            per_chain = [torch.stack([torch.as_tensor(value) for value in chain[name]]) for chain in chains]
-            return torch.stack(per_chain, dim=1).to(device=y0.device, dtype=dtype)
-
-        states = torch.stack([torch.stack(chain["y"]) for chain in chains], dim=1)  # [warmup+num_steps, C, *event]
-        fields = {name: stacked(name, dtype) for name, dtype in (
-            ("acceptance_prob", y0.dtype), ("accepted", torch.bool), ("divergent", torch.bool),
-            ("step_size", y0.dtype), ("tree_depth", y0.dtype), ("num_leapfrog_steps", y0.dtype))}
-        recorder = Recorder(y0, num_steps, thin, keep_graph=False)
-        with torch.no_grad():
-            for index in range(warmup + num_steps):
-                info = _NUTSInfo(*(fields[name][index] for name in _NUTSInfo._fields))
-                if index < warmup:
-                    recorder.record_warmup(info)
-                    continue
-                kept = (index - warmup + 1) % thin == 0  # only kept states need their energy
-                energy = energy_fn(states[index]) if kept else None
-                energy = energy if energy is None or energy.dim() == 1 else energy.sum(dim=1)
-                recorder.record(index - warmup, _Kept(states[index], energy), info)
-        adapted = {
-            "step_size": torch.tensor([chain["final_step_size"] for chain in chains], dtype=y0.dtype, device=y0.device),
-            "inverse_mass": torch.stack([chain["inverse_mass"] for chain in chains]).to(y0),
-        }
-        return recorder.trajectory(adapted)
+class NUTSState(NamedTuple):
+    y: Tensor  # [C, *event]
+    energy: Tensor  # [C] potential energy at y
+    grad: Tensor  # [C, *event] raw gradient of the energy at y
 
 
-class _NUTSInfo(NamedTuple):
+class NUTSInfo(NamedTuple):
+    """Per-chain information of one NUTS transition (every field [C]; counts in the state's float dtype)."""
+
     acceptance_prob: Tensor
     accepted: Tensor
     divergent: Tensor
@@ -218,6 +70,282 @@ class _NUTSInfo(NamedTuple):
     num_leapfrog_steps: Tensor
 
 
-class _Kept(NamedTuple):
+class _Point(NamedTuple):
+    """Where a trajectory end is: enough to take the next leapfrog step from it."""
+
     y: Tensor
-    energy: Optional[Tensor]  # None for a state thinning drops
+    momentum: Tensor
+    grad: Tensor
+
+
+class _Span(NamedTuple):
+    """U-turn summary of consecutive leaves, listed in the order they were built (all [C, *event])."""
+
+    rho: Tensor  # sum of the momenta
+    first_momentum: Tensor
+    first_velocity: Tensor
+    last_momentum: Tensor
+    last_velocity: Tensor
+
+
+class _Subtree(NamedTuple):
+    frontier: _Point  # its last leaf (momentum in the direction of travel)
+    span: _Span  # in the direction of travel
+    log_weight: Tensor  # [C] log sum of its leaves' weights
+    sample: NUTSState  # its candidate
+    valid: Tensor  # [C] complete: no U-turn or divergence inside (False for chains not building)
+    divergent: Tensor
+    accept_sum: Tensor  # [C] sum over its leaves of min(1, exp(-(H - H0)))
+    num_leaves: Tensor  # [C] leaves integrated before it stopped
+
+
+def init(y: Tensor, energy_fn: EnergyFn) -> NUTSState:
+    evaluated = evaluate(energy_fn, y, (), create_graph=False, validate=True)
+    return NUTSState(y.detach(), evaluated.energy, evaluated.grad)
+
+
+def _join(first: _Span, second: _Span) -> tuple[_Span, Tensor]:
+    """Merge two adjacent spans (``second`` continues where ``first`` ends) -> (span, [C] criterion holds).
+
+    The generalized criterion: both end velocities have a positive dot product with the momentum sum rho.
+    Besides the merged span, Stan's two checks across the merge: ``first`` extended by the first leaf of
+    ``second``, and ``second`` extended by the last leaf of ``first``. The dot products are unchanged when
+    every momentum flips sign, so spans built backwards may use momenta of travel. The six dot products
+    are one stacked reduction (this runs once per leaf on average)."""
+    rho = first.rho + second.rho
+    velocities = torch.stack([first.first_velocity, second.last_velocity, first.first_velocity,
+                              second.first_velocity, first.last_velocity, second.last_velocity])
+    sums = torch.stack([rho, first.rho + second.first_momentum, second.rho + first.last_momentum])
+    dots = (velocities.unflatten(0, (3, 2)) * sums.unsqueeze(1)).flatten(3).sum(dim=3)  # [3, 2, C]
+    holds = (dots > 0).flatten(0, 1).all(dim=0)
+    merged = _Span(rho, first.first_momentum, first.first_velocity, second.last_momentum, second.last_velocity)
+    return merged, holds
+
+
+class _Integrator(NamedTuple):
+    """What every leaf of one transition shares."""
+
+    energy_fn: EnergyFn
+    step_size: Tensor  # positive; backward steps integrate the negated momentum forwards
+    inverse_mass: Optional[Tensor]
+    transforms: Sequence[Transform]
+    initial_hamiltonian: Tensor  # [C] H0
+    max_energy_error: float
+    generator: Optional[torch.Generator]
+
+
+def _leaf(point: _Point, integrator: _Integrator) -> tuple[_Point, Tensor, Tensor, Tensor, Tensor]:
+    """One leapfrog step -> (point, energy [C], log weight [C], min(1, e^-dH) [C], divergent [C])."""
+    y, momentum, evaluated = leapfrog(point.y, point.momentum, point.grad, integrator.energy_fn,
+                                      step_size=integrator.step_size, num_steps=1,
+                                      inverse_mass=integrator.inverse_mass, transforms=integrator.transforms)
+    energy_error = evaluated.energy + kinetic_energy(momentum, integrator.inverse_mass) - integrator.initial_hamiltonian
+    finite = torch.isfinite(energy_error)
+    divergent = ~finite | (energy_error > integrator.max_energy_error)
+    log_weight = torch.where(finite, -energy_error, torch.full_like(energy_error, float("-inf")))
+    accept_prob = torch.exp(torch.clamp(log_weight, max=0.0))  # exp(-inf) = 0
+    return _Point(y, momentum, evaluated.grad), evaluated.energy, log_weight, accept_prob, divergent
+
+
+def _uniform(like: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    return torch.rand(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+
+
+def _build_subtree(start: _Point, depth: int, building: Tensor, integrator: _Integrator) -> _Subtree:
+    """2^depth leaves from ``start`` (momentum of travel) for the chains ``building`` [C], in lockstep."""
+    zeros = torch.zeros_like(integrator.initial_hamiltonian)
+    log_weight, accept_sum, num_leaves = torch.full_like(zeros, float("-inf")), zeros, zeros
+    divergent = torch.zeros_like(building)
+    frontier, sample, stack = start, NUTSState(start.y, zeros, start.grad), [None] * depth
+    for index in range(2**depth):
+        point, energy, leaf_log_weight, accept_prob, leaf_divergent = _leaf(frontier, integrator)
+        accept_sum = accept_sum + torch.where(building, accept_prob, zeros)
+        num_leaves = num_leaves + building.to(zeros.dtype)
+        divergent = divergent | (building & leaf_divergent)
+        # Uniform progressive sampling: leaf n replaces the candidate with probability w_n / W_{0..n}.
+        total = torch.logaddexp(log_weight, leaf_log_weight)
+        take = building & ~leaf_divergent & (_uniform(total, integrator.generator) < torch.exp(leaf_log_weight - total))
+        take_state = per_chain(take, point.y)
+        sample = NUTSState(torch.where(take_state, point.y, sample.y), torch.where(take, energy, sample.energy),
+                           torch.where(take_state, point.grad, sample.grad))
+        log_weight = torch.where(building, total, log_weight)
+        leaf_velocity = velocity(point.momentum, integrator.inverse_mass)
+        span = _Span(point.momentum, point.momentum, leaf_velocity, point.momentum, leaf_velocity)
+        level, holds = 0, ~leaf_divergent
+        while index >> level & 1:  # this leaf completes sub-subtrees of sizes 2, 4, ..., 2^level
+            span, joined_holds = _join(stack[level], span)
+            holds, level = holds & joined_holds, level + 1
+        if level < depth:
+            stack[level] = span  # the left half that the coming leaves will complete
+        building = building & holds
+        # A chain that stopped keeps its last good leaf as the frontier (its next steps are masked anyway,
+        # but they then start from finite values).
+        keep = per_chain(building, point.y)
+        frontier = _Point(*(torch.where(keep, new, old) for new, old in zip(point, frontier)))
+    return _Subtree(frontier, span, log_weight, sample, building, divergent, accept_sum, num_leaves)
+
+
+class _Tree(NamedTuple):
+    left: _Point  # the trajectory's ends, with their own (not travel) momenta
+    right: _Point
+    rho: Tensor  # [C, *event] momentum sum over the whole trajectory
+    log_weight: Tensor  # [C]
+    sample: NUTSState
+    moved: Tensor  # [C] bool: the sample is no longer the starting point
+    done: Tensor  # [C] bool: stopped (U-turn, divergence, or the depth cap)
+    divergent: Tensor
+    accept_sum: Tensor
+    num_leaves: Tensor
+    depth: Tensor  # [C] doublings attempted
+
+
+def _double(tree: _Tree, direction: Tensor, depth: int, integrator: _Integrator) -> _Tree:
+    """Extend every chain's tree by one subtree of 2^depth leaves on the side ``direction`` [C] (+1 / -1)."""
+    forward = per_chain(direction > 0, tree.rho)
+    sign = per_chain(direction, tree.rho).to(tree.rho.dtype)
+    near = _Point(*(torch.where(forward, right, left) for right, left in zip(tree.right, tree.left)))
+    start = near._replace(momentum=sign * near.momentum)  # integrate backwards as forwards with -p
+    subtree = _build_subtree(start, depth, ~tree.done, integrator)
+    valid = subtree.valid
+    # Biased progressive sampling: the subtree's candidate wins with probability min(1, W_subtree / W_tree).
+    take = valid & (_uniform(tree.log_weight, integrator.generator)
+                    < torch.exp(torch.clamp(subtree.log_weight - tree.log_weight, max=0.0)))
+    sample = NUTSState(*(select(take, new, old) for new, old in zip(subtree.sample, tree.sample)))
+    # The generalized criterion over the merged tree, in its own momenta (old tree first, listed towards
+    # the new side, then the subtree).
+    far = _Point(*(torch.where(forward, left, right) for right, left in zip(tree.right, tree.left)))
+    inverse_mass = integrator.inverse_mass
+    old = _Span(tree.rho, far.momentum, velocity(far.momentum, inverse_mass), near.momentum,
+                velocity(near.momentum, inverse_mass))
+    new = _Span(*(sign * value for value in subtree.span))
+    _, holds = _join(old, new)
+    end = subtree.frontier._replace(momentum=sign * subtree.frontier.momentum)
+    extend_right, extend_left = per_chain(valid, tree.rho) & forward, per_chain(valid, tree.rho) & ~forward
+    return _Tree(
+        left=_Point(*(torch.where(extend_left, new_end, old_end) for new_end, old_end in zip(end, tree.left))),
+        right=_Point(*(torch.where(extend_right, new_end, old_end) for new_end, old_end in zip(end, tree.right))),
+        rho=select(valid, tree.rho + new.rho, tree.rho),
+        log_weight=torch.where(valid, torch.logaddexp(tree.log_weight, subtree.log_weight), tree.log_weight),
+        sample=sample,
+        moved=tree.moved | take,
+        done=tree.done | ~valid | ~holds,
+        divergent=tree.divergent | subtree.divergent,
+        accept_sum=tree.accept_sum + subtree.accept_sum,
+        num_leaves=tree.num_leaves + subtree.num_leaves,
+        depth=tree.depth + (~tree.done).to(tree.depth.dtype),
+    )
+
+
+def build_tree(
+    state: NUTSState,
+    momentum: Tensor,
+    energy_fn: EnergyFn,
+    *,
+    step_size: Tensor,
+    directions: Tensor,
+    generator: Optional[torch.Generator] = None,
+    inverse_mass: Optional[Tensor] = None,
+    transforms: Sequence[Transform] = (),
+    max_energy_error: float = 1000.0,
+) -> tuple[NUTSState, NUTSInfo]:
+    """The NUTS transition from ``state`` given its ``momentum`` [C, *event] and the side each doubling
+    extends, ``directions`` [max_tree_depth, C] of +1 / -1 (the row count is the depth cap); only the
+    sample choices draw from ``generator``. ``step`` draws momentum and directions and calls this; fixing
+    them makes a tree reproducible leaf by leaf (the hand-checked test does)."""
+    step_size = step_size.detach()
+    initial_hamiltonian = state.energy + kinetic_energy(momentum, inverse_mass)
+    integrator = _Integrator(energy_fn, step_size, inverse_mass, transforms, initial_hamiltonian, max_energy_error,
+                             generator)
+    start = _Point(state.y, momentum, state.grad)
+    no = torch.zeros_like(state.energy, dtype=torch.bool)
+    zeros = torch.zeros_like(state.energy)
+    tree = _Tree(start, start, momentum, zeros, state, no, no, no, zeros, zeros, zeros)
+    for depth in range(directions.shape[0]):
+        tree = _double(tree, directions[depth], depth, integrator)
+        if bool(tree.done.all()):  # the one host sync per doubling: stop once every chain's tree has stopped
+            break
+    info = NUTSInfo(tree.accept_sum / tree.num_leaves, tree.moved, tree.divergent, chain_mean(step_size, state.y),
+                    tree.depth, tree.num_leaves)
+    return tree.sample, info
+
+
+def step(
+    state: NUTSState,
+    energy_fn: EnergyFn,
+    *,
+    step_size: Tensor,
+    generator: Optional[torch.Generator] = None,
+    inverse_mass: Optional[Tensor] = None,
+    transforms: Sequence[Transform] = (),
+    max_tree_depth: int = 10,
+    max_energy_error: float = 1000.0,
+) -> tuple[NUTSState, NUTSInfo]:
+    """One NUTS transition for every chain: momentum ~ N(0, M), a fair coin per chain and doubling for its
+    direction, then ``build_tree``. ``step_size`` / ``inverse_mass`` broadcast against the state."""
+    momentum, _ = sample_momentum(state.y, inverse_mass, generator)
+    coins = torch.rand((max_tree_depth, state.y.shape[0]), generator=generator, device=state.y.device)
+    directions = torch.where(coins < 0.5, 1.0, -1.0).to(state.y.dtype)
+    return build_tree(state, momentum, energy_fn, step_size=step_size, directions=directions, generator=generator,
+                      inverse_mass=inverse_mass, transforms=transforms, max_energy_error=max_energy_error)
+
+
+class NUTS(MetropolisSampler):
+    """Batched No-U-Turn sampler: every chain picks its own trajectory length, all chains in lockstep.
+
+    ``step_size``: float, [C] (per chain) or per element; ``inverse_mass``: diagonal M^-1 broadcastable to
+    the state (default identity). During ``warmup`` the step size adapts by dual averaging towards
+    ``target_accept`` (the statistic: the tree's mean acceptance over its leaves) and the inverse mass in
+    Stan's windows, per chain or, with ``pooled_mass`` / ``shared_step_size``, from all chains (see ``HMC``:
+    the same ``samplers.adaptation``); afterwards both are fixed. ``max_tree_depth`` caps the doublings.
+
+    Prefer it over ``HMC`` when no good fixed trajectory length exists or is known: NUTS finds one per
+    chain and transition. It pays for that with the lockstep: a doubling costs all chains its 2^d steps
+    while any chain still builds, and one host sync per doubling.
+    """
+
+    def __init__(
+        self,
+        step_size: StepSize = 0.1,
+        *,
+        max_tree_depth: int = 10,
+        inverse_mass: Optional[Tensor] = None,
+        adapt_step_size: bool = True,
+        adapt_mass: bool = True,
+        target_accept: float = 0.8,
+        max_energy_error: float = 1000.0,
+        transforms: Sequence[Transform] = (),
+        pooled_mass: bool = False,
+        shared_step_size: bool = False,
+    ) -> None:
+        super().__init__(
+            step_size,
+            inverse_mass=inverse_mass,
+            adapt_step_size=adapt_step_size,
+            adapt_mass=adapt_mass,
+            target_accept=target_accept,
+            max_energy_error=max_energy_error,
+            transforms=transforms,
+            pooled_mass=pooled_mass,
+            shared_step_size=shared_step_size,
+        )
+        if isinstance(max_tree_depth, bool) or not isinstance(max_tree_depth, int) or max_tree_depth < 1:
+            raise ValueError(f"max_tree_depth must be a positive int (at most 2^max_tree_depth - 1 leapfrog steps "
+                             f"per transition; 10 is Stan's default), got {max_tree_depth!r}")
+        self.max_tree_depth = max_tree_depth
+
+    def _init(self, y0: Tensor, energy_fn: EnergyFn, transforms: Sequence[Transform], create_graph: bool) -> NUTSState:
+        return init(y0, energy_fn)
+
+    def _transition(
+        self, state: NUTSState, energy_fn: EnergyFn, transforms: Sequence[Transform], tuning: Tuning, ctx: StepContext
+    ) -> tuple[NUTSState, NUTSInfo]:
+        return step(state, energy_fn, step_size=tuning.step_size, generator=ctx.generator,
+                    inverse_mass=tuning.inverse_mass, transforms=transforms, max_tree_depth=self.max_tree_depth,
+                    max_energy_error=self.max_energy_error)
+
+    def extra_repr(self) -> str:
+        return (
+            f"max_tree_depth={self.max_tree_depth}, adapt_step_size={self.adapt_step_size}, "
+            f"adapt_mass={self.adapt_mass}, target_accept={self.target_accept}, pooled_mass={self.pooled_mass}, "
+            f"shared_step_size={self.shared_step_size}"
+        )

@@ -3,7 +3,7 @@
 The maximum-likelihood gradient of an EBM is E_data[grad_theta E] - E_model[grad_theta E]. PCD estimates
 the second expectation with samples from chains that persist across training steps (a buffer of states,
 a fraction re-initialized from noise each step so the buffer keeps exploring), each advanced a few sampler
-steps per training step against the current energy.
+steps per training step against the current energy. The chains live in a ``samplers.buffer.ChainBuffer``.
 """
 from __future__ import annotations
 
@@ -13,11 +13,14 @@ import torch
 from torch import Tensor, nn
 
 from energyflow.objectives.components import RandomNoise
+from energyflow.objectives.replay import run_generator
 from energyflow.objectives.unrolled import ObjectiveOutput
+from samplers.buffer import ChainBuffer
 
 
-class PersistentChains(nn.Module):
-    """``capacity`` persistent sampler states ``[N, *event]``; checkpointed as extra state.
+class PersistentChains(ChainBuffer):
+    """``capacity`` persistent sampler states ``[N, *event]`` (a ``samplers.buffer.ChainBuffer`` filled from
+    ``initial_state`` on the first draw); checkpointed as extra state ``{"chains": states or None}``.
 
     Under ``torchrun`` each process advances its own chains: they are per-rank state (``per_rank_state``),
     checkpointed for every rank and restored to each rank on resume (``energyflow.checkpoint``).
@@ -26,39 +29,46 @@ class PersistentChains(nn.Module):
     per_rank_state = True
 
     def __init__(self, capacity: int = 10000, reinit_fraction: float = 0.05, initial_state=None):
-        super().__init__()
         if capacity < 1 or not 0.0 <= reinit_fraction <= 1.0:
             raise ValueError(f"PersistentChains needs capacity >= 1 and reinit_fraction in [0, 1], got "
                              f"{capacity}, {reinit_fraction}")
-        self.capacity, self.reinit_fraction = int(capacity), float(reinit_fraction)
-        self.initial_state = initial_state if initial_state is not None else RandomNoise(1.0)
-        self.chains: Optional[Tensor] = None  # allocated from the first batch's event shape
+        super().__init__(int(capacity), init_fn=initial_state if initial_state is not None else RandomNoise(1.0),
+                         reinit_fraction=float(reinit_fraction))
+
+    @property
+    def initial_state(self):
+        return self.init_fn
+
+    @property
+    def chains(self) -> Optional[Tensor]:
+        """The states ``[capacity, *event]``; None until the first draw allocates them."""
+        return self.states
 
     def draw(self, like: Tensor, generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor]:
         """Return (indices [B], states [B, *event]) for a batch shaped like ``like``."""
         batch, event = like.shape[0], like.shape[1:]
+        generator = run_generator(generator, like.device)
         if self.chains is None:
-            self.chains = self.initial_state((self.capacity, *event), device=like.device, dtype=like.dtype,
-                                             generator=generator)
+            self.fill(event, device=like.device, dtype=like.dtype, generator=generator)
         if tuple(self.chains.shape[1:]) != tuple(event):
             raise ValueError(f"persistent chains hold states of shape {tuple(self.chains.shape[1:])}, the data "
                              f"has {tuple(event)}")
-        device = generator.device if generator is not None else like.device
-        indices = torch.randint(self.capacity, (batch,), generator=generator, device=device).to(like.device)
-        fresh = self.initial_state(like.shape, device=like.device, dtype=like.dtype, generator=generator)
-        restart = torch.rand(batch, generator=generator, device=device).to(like.device) < self.reinit_fraction
-        restart = restart.view(batch, *([1] * len(event)))
-        return indices, torch.where(restart, fresh, self.chains[indices])
+        draw = self.sample(batch, generator=generator, device=like.device, dtype=like.dtype)
+        return draw.indices, draw.states
 
-    @torch.no_grad()
     def update(self, indices: Tensor, states: Tensor) -> None:
-        self.chains[indices] = states.detach()
+        self.write(indices, states)
 
     def get_extra_state(self) -> dict:
         return {"chains": self.chains}
 
     def set_extra_state(self, state: dict) -> None:
-        self.chains = state["chains"]
+        chains = state["chains"]
+        if chains is not None and chains.shape[0] != self.capacity:
+            raise ValueError(f"checkpoint persistent chains have capacity {chains.shape[0]}, this run's has "
+                             f"{self.capacity}; bind PersistentChains.capacity to the checkpoint's value to resume")
+        self.fields = [] if chains is None else [chains]
+        self.size, self.position = (0, 0) if chains is None else (self.capacity, 0)
 
 
 class ContrastiveDivergence(nn.Module):

@@ -6,17 +6,18 @@ import warnings
 import pytest
 import torch
 
-from samplers import HMC, MALA, NUTS, GradientDescent, Langevin, SamplerWarning
+from samplers import HMC, MALA, NUTS, GradientDescent, Langevin, PyroNUTS, SamplerWarning
 
 SAMPLERS = {
     "gradient_descent": lambda step_size=0.1: GradientDescent(step_size),
     "langevin": lambda step_size=0.1: Langevin(step_size),
     "mala": lambda step_size=0.1: MALA(step_size),
     "hmc": lambda step_size=0.1: HMC(step_size, 2),
+    "nuts": lambda step_size=0.1: NUTS(step_size, max_tree_depth=2),
 }
 Y0 = torch.zeros(4, 3)
-# The per-chain samplers above and pyro's NUTS (one chain at a time; tiny trees keep it fast).
-WITH_NUTS = {**SAMPLERS, "nuts": lambda step_size=0.1: NUTS(step_size, max_tree_depth=2)}
+# The batched samplers above and pyro's NUTS (one chain at a time; tiny trees keep it fast).
+WITH_NUTS = {**SAMPLERS, "pyro_nuts": lambda step_size=0.1: PyroNUTS(step_size, max_tree_depth=2)}
 
 
 def energy_fn(y: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from samplers import HMC, MALA, NUTS, ClampGradient, GradientDescent, Langevin, LangevinNoise, RandomizedStepSize
+from samplers import HMC, MALA, NUTS, ClampGradient, PyroNUTS, GradientDescent, Langevin, LangevinNoise, RandomizedStepSize
 
 
 class QuarticEnergy(nn.Module):
@@ -248,5 +248,7 @@ def test_final_energy_skip_is_refused_by_metropolis_samplers_and_bad_values_are_
         MALA(0.1).double().run(energy, Y0, num_steps=2, final_energy="skip")
     with pytest.raises(ValueError, match="final_energy must be 'graph', 'value' or 'skip'"):
         GradientDescent(0.1).double().run(energy, Y0, num_steps=2, final_energy=False)
-    with pytest.raises(ValueError, match="NUTS needs the energy of every state"):
+    with pytest.raises(ValueError, match="PyroNUTS needs the energy of every state"):
+        PyroNUTS().run(energy, Y0.float(), num_steps=2, final_energy="skip")
+    with pytest.raises(ValueError, match="NUTS needs the energy of its last proposal"):
         NUTS().run(energy, Y0.float(), num_steps=2, final_energy="skip")
