@@ -5,8 +5,9 @@
 
 Targets: Neal's funnel ``Funnel(dim=10, scale=3.0)`` and the rotated 100-d Gaussian with condition number 100
 (``Gaussian.ill_conditioned(dim=100)``). HMC runs as ``docs/samplers.md`` advises when all chains share a target
-(pooled mass, shared step size, step-size jitter 0.3) with the leapfrog count from ``benchmarks.sampler_speed``'s
-rule after a pilot (``leapfrog_rule``), and the funnel at ``target_accept=0.95``. MEADS runs with its defaults.
+(pooled mass, shared step size) with the library's quarter-turn rule (``trajectory="quarter_turn"``: an 8-step
+warmup, then L from the whitened draws, step-size jitter 0.3), and the funnel at ``target_accept=0.95``. MEADS runs
+with its defaults. ``benchmarks/sampler_speed.py`` runs both against every other sampler and the peers.
 Both start from the same states; every gradient counts, warmup and pilot included (a gradient: one chain's
 energy+gradient). Per gradient, not per second: the CPU is shared, and clocks would measure the load. Also
 reported: the sd of the funnel's v against its true 3 (a sampler that cannot enter the neck reports less).
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.sampler_speed import PILOT_DRAWS, PILOT_LEAPFROG_STEPS, STEP_SIZE_JITTER, _ess, leapfrog_rule
+from benchmarks.sampler_speed import _ess
 from energyflow import bench
 from samplers import HMC, MEADS
 from samplers.zoo import Funnel, Gaussian, Target
@@ -38,19 +39,15 @@ def _row(name: str, states: torch.Tensor, gradients: float, target: Target, **ex
 
 def run_hmc(target: Target, y0: torch.Tensor, *, warmup: int, num_steps: int, target_accept: float, seed: int) -> dict:
     generator = torch.Generator().manual_seed(seed)
-    pilot = HMC(0.1, PILOT_LEAPFROG_STEPS, pooled_mass=True, shared_step_size=True, target_accept=target_accept,
-                step_size_jitter=STEP_SIZE_JITTER)
-    trace = pilot.run(target, y0, num_steps=PILOT_DRAWS, warmup=warmup, generator=generator)
-    step_size, inverse_mass = float(trace.adapted["step_size"][0]), trace.adapted["inverse_mass"][:1]
-    num_leapfrog_steps = leapfrog_rule(trace.states, step_size, inverse_mass)
-    sampler = HMC(step_size, num_leapfrog_steps, inverse_mass=inverse_mass, adapt_step_size=False, adapt_mass=False,
-                  step_size_jitter=STEP_SIZE_JITTER)
-    trajectory = sampler.run(target, trace.states[-1], num_steps=num_steps, generator=generator)
-    gradients = y0.shape[0] * ((warmup + PILOT_DRAWS) * PILOT_LEAPFROG_STEPS + num_steps * num_leapfrog_steps)
-    return _row(f"HMC (pooled, jitter {STEP_SIZE_JITTER}, L = {num_leapfrog_steps})", trajectory.states, gradients,
-                target, acceptance=float(trajectory.acceptance_rate().mean()),
-                divergences=int(trajectory.num_divergent().sum() + trace.num_divergent().sum()), step_size=step_size,
-                num_leapfrog_steps=num_leapfrog_steps, warmup=warmup, target_accept=target_accept)
+    sampler = HMC(trajectory="quarter_turn", pooled_mass=True, shared_step_size=True, target_accept=target_accept)
+    trajectory = sampler.run(target, y0, num_steps=num_steps, warmup=warmup, generator=generator)
+    num_leapfrog_steps = int(trajectory.adapted["num_leapfrog_steps"])
+    gradients = float(trajectory.warmup_info["num_leapfrog_steps"].sum() + trajectory.info["num_leapfrog_steps"].sum())
+    return _row(f"HMC (pooled, quarter-turn rule, jitter {sampler.step_size_jitter}, L = {num_leapfrog_steps})",
+                trajectory.states, gradients, target, acceptance=float(trajectory.acceptance_rate().mean()),
+                divergences=int(trajectory.num_divergent().sum() + trajectory.warmup_info["divergent"].sum()),
+                step_size=float(trajectory.adapted["step_size"][0]), num_leapfrog_steps=num_leapfrog_steps,
+                warmup=warmup, target_accept=target_accept)
 
 
 def run_meads(target: Target, y0: torch.Tensor, *, warmup: int, num_steps: int, thin: int, seed: int) -> dict:

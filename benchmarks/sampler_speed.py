@@ -1,136 +1,186 @@
-"""Effective samples per second: batched HMC against pyro-ppl's NUTS and HMC, side by side in one run.
+"""Effective samples per second and per gradient: every energyflow sampler against the peers installed, one run.
 
-    python -m benchmarks.samplers            # full run (a few minutes), writes benchmarks/results/samplers.{json,md}
-    python -m benchmarks.samplers --quick    # smoke run with tiny settings (numbers meaningless)
+    python benchmarks/sampler_speed.py           # full run (~15-25 min), writes benchmarks/results/samplers.{json,md}
+    python benchmarks/sampler_speed.py --quick   # smoke run with tiny settings (numbers meaningless)
 
-Targets: a 100-dimensional Gaussian with condition number 100 under a random rotation (so a diagonal mass
-matrix cannot undo it), the same Gaussian unrotated (which a diagonal mass matrix whitens), and Neal's
-funnel (10-d, v ~ N(0, 3^2)). Every contender adapts its step size
-(dual averaging) and a diagonal mass matrix during its warmup, and its clock covers the whole run,
-warmup included. The pyro baselines are used the way a user would: ``pyro.infer.MCMC`` with a
-``NUTS``/``HMC`` kernel on ``potential_fn``, one chain (pyro's multi-chain mode runs one process per
-chain, which on this shared 2-core CPU adds start-up cost and no throughput).
+Targets: a 100-dimensional Gaussian with standard deviations 0.1-1 (condition number 100 of the covariance)
+under a random rotation (a diagonal mass matrix cannot undo it), the same Gaussian unrotated (which a diagonal
+mass matrix whitens), Neal's funnel (10-d, v ~ N(0, 3^2)) and a Bayesian logistic regression on sklearn's
+breast-cancer data (30 standardised features plus an intercept, N(0, 1) priors; its reference moments come from
+a long run of a different sampler configuration, see ``logistic_reference``). 500 warmup transitions and 1000
+kept draws for everyone; energyflow and BlackJAX run 1024 chains (128 on the regression).
 
-Batched HMC is run as a user following ``docs/samplers.md`` would: pooled mass matrix and one shared step
-size (all chains sample one target), step-size jitter, and a leapfrog count from a documented rule. A
-pilot (warmup with ``PILOT_LEAPFROG_STEPS``, then a few draws) adapts eps and M^-1; the rule then sets
-L = ceil((pi / 2) * sqrt(lambda_max) / eps), where lambda_max is the largest eigenvalue of the pilot
-draws' covariance in whitened coordinates (y / sqrt(M^-1)): the slowest direction then turns by about a
-quarter period per transition, which decorrelates it, while faster directions get jitter-randomized
-phases. The main run starts from the pilot's last states with eps, M^-1 and L fixed; the clock covers
-the pilot.
+Contenders, each adapting on its own as a user would run it (clocks cover warmup and sampling):
+- energyflow ``HMC`` with the library's defaults for one target (``pooled_mass=True, shared_step_size=True``):
+  ChEES trajectory adaptation (``trajectory="auto"``); the same with ``trajectory="quarter_turn"``; the same
+  ChEES run with a dense mass matrix where the library has one (``mass="dense"``); the batched ``NUTS`` (256
+  chains: its lockstep trees cost the deepest tree of all chains per transition);
+  ``MEADS``; ``MALA``;
+- pyro's NUTS (``pyro.infer.MCMC``, one chain, what most pyro users pick), always;
+- BlackJAX's ChEES-HMC (``blackjax.chees_adaptation`` + ``dynamic_hmc``, Adam at 0.025, as its docs show), with
+  its identity metric and with its ``mass_matrix_estimation="diagonal"``, when blackjax is installed (it is not
+  a dependency: ``pip install blackjax`` to measure). JAX compiles on first use: its rows report the seconds of
+  a second, compiled, run (compilation excluded, which favours the peer) and the first run's in a column.
+torchebm is not installed here (its wheel pins another torch), so it has no rows.
 
-Threads: every contender runs with the machine's default of 2 intra-op threads, with
-``OMP_WAIT_POLICY=PASSIVE`` (set below, before torch loads): on this CPU, shared with other jobs, OpenMP's
-default busy-waiting made a 1024 x 100 energy+gradient ~100x slower with 2 threads than with 1
-(measured 62 ms vs 0.6 ms); passive waiting removes that pathology for every contender alike.
-ESS per second is the minimum over coordinates; accuracy columns guard against
-speed bought with wrong answers: max over coordinates of |mean error| / sd, and of the relative error of
-the variance (the funnel's x-coordinates are excluded from the variance column: their variance
-exp(4.5) ~ 90 is dominated by rare draws deep in the mouth, so no run of this length estimates it).
+Threads: one intra-op thread for every contender (torch ``set_num_threads(1)``, XLA's single-threaded Eigen),
+so ESS per second compares the algorithms and their implementations, not how many cores each grabs.
+ESS is the minimum over coordinates, over all chains (pyro.ops.stats), of the draws and of their squared
+deviations from the reference mean ("squares" -- what decides variance estimates, and not inflated by
+antithetic draws). A gradient is one chain's energy+gradient evaluation, warmup included. Accuracy columns
+guard against speed bought with wrong answers: max over coordinates of |mean error| / sd; the relative error of
+every variance (the funnel: of v only; its x-coordinates' variance exp(4.5) ~ 90 is dominated by rare draws deep
+in the mouth); on the funnel the z-score of E[v^2] against its true 9 (Monte Carlo standard error from the ESS of
+v^2): a sampler that under-covers the neck shows it there.
 """
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede the first torch import (see the docstring)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede the first torch import
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 
 import pyro  # noqa: E402
 import torch  # noqa: E402
-from pyro.infer import HMC as PyroHMC  # noqa: E402
 from pyro.infer import MCMC  # noqa: E402
 from pyro.infer import NUTS as PyroNUTS  # noqa: E402
 
+import samplers  # noqa: E402
 from energyflow import bench  # noqa: E402
-from samplers import HMC  # noqa: E402
+from samplers import HMC, MALA  # noqa: E402
 from samplers.diagnostics import effective_sample_size  # noqa: E402
 from samplers.zoo import Funnel, Gaussian, Target  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-PILOT_LEAPFROG_STEPS = 8
-PILOT_DRAWS = 30  # kept pilot draws per chain for the whitened covariance
-STEP_SIZE_JITTER = 0.3
+NUTS_CHAINS = 256
+
+
+class LogisticRegression(Target):
+    """Bayesian logistic regression on sklearn's breast-cancer data: standardised features plus an intercept,
+    N(0, 1) priors on all 31 coefficients. ``mean``/``variance`` are set from a reference run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from sklearn.datasets import load_breast_cancer
+
+        data = load_breast_cancer()
+        x = torch.as_tensor(data.data, dtype=torch.float64)
+        x = (x - x.mean(0)) / x.std(0)
+        self.register_buffer("features", torch.cat([torch.ones(x.shape[0], 1, dtype=torch.float64), x], dim=1))
+        self.register_buffer("labels", torch.as_tensor(data.target, dtype=torch.float64))
+        self.dim, self.name = self.features.shape[1], "logistic_regression"
+        self.mean = self.variance = self.covariance = None
+
+    def energy(self, y: torch.Tensor) -> torch.Tensor:
+        logits = y @ self.features.to(y).T  # [C, N]
+        likelihood = torch.nn.functional.softplus(logits).sum(-1) - logits @ self.labels.to(y)
+        return likelihood + 0.5 * y.square().sum(-1)
+
+    def sample(self, num_samples, generator=None):
+        raise NotImplementedError("no exact sampler: the reference moments come from a long MCMC run")
+
+    def initial_state(self, num_chains, generator=None, *, dtype=torch.float32):
+        return 0.1 * super().initial_state(num_chains, generator, dtype=dtype)
+
+
+def logistic_reference(target: LogisticRegression, quick: bool) -> dict:
+    """Reference moments: 256 chains of fixed-length HMC with a pooled diagonal mass, 0.6 x the adapted step
+    size (acceptance ~0.95), 2000 draws -- a different configuration from every contender, in float64 (its
+    minimum ESS is in the JSON: its Monte Carlo error is a small fraction of the contenders')."""
+    generator = torch.Generator().manual_seed(123)
+    y0 = target.initial_state(64 if quick else 256, generator, dtype=torch.float64)
+    pilot = HMC(0.05, 10, pooled_mass=True, shared_step_size=True).run(target, y0, num_steps=10,
+                                                                       warmup=40 if quick else 500, generator=generator)
+    step = 0.6 * float(pilot.adapted["step_size"][0])
+    sampler = HMC(step, 20, inverse_mass=pilot.adapted["inverse_mass"][:1], adapt_step_size=False, adapt_mass=False,
+                  step_size_jitter=0.3)
+    run = sampler.run(target, pilot.states[-1], num_steps=50 if quick else 2000, generator=generator)
+    draws = run.states.flatten(0, 1)
+    ess = _ess(run.states)
+    return {"mean": draws.mean(0), "variance": draws.var(0), "min_ess": float(ess.min()),
+            "acceptance": float(run.acceptance_rate().mean())}
 
 
 def _ess(states: torch.Tensor, chunk: int = 10) -> torch.Tensor:
-    """[T, C, dim] -> [dim] ESS, a few coordinates at a time (the float64 FFT of all of them at once would
-    need several GB for 1024 chains x 2000 draws x 100 coordinates)."""
+    """[T, C, dim] -> [dim] ESS, a few coordinates at a time (bounded float64 FFT memory)."""
     return torch.cat([effective_sample_size(states[..., i : i + chunk]) for i in range(0, states.shape[-1], chunk)])
 
 
 def _accuracy(states: torch.Tensor, target: Target, variance_coordinates: slice) -> dict[str, float]:
-    draws = states.detach().flatten(0, 1)  # [T * C, dim]; float64 one coordinate at a time to bound memory
+    draws = states.detach().flatten(0, 1)
     mean = torch.stack([draws[:, i].double().mean() for i in range(draws.shape[1])])
     variance = torch.stack([draws[:, i].double().var() for i in range(draws.shape[1])])
     sd = target.variance.sqrt()
-    mean_error = ((mean - target.mean).abs() / sd).max()
-    variance = variance[variance_coordinates]
-    true_variance = target.variance[variance_coordinates]
-    variance_error = ((variance - true_variance).abs() / true_variance).max()
-    return {"max_abs_mean_error_over_sd": float(mean_error), "max_rel_variance_error": float(variance_error)}
+    out = {"max_abs_mean_error_over_sd": float(((mean - target.mean).abs() / sd).max()),
+           "max_rel_variance_error": float(((variance - target.variance).abs() / target.variance)[variance_coordinates]
+                                           .max())}
+    if isinstance(target, Funnel):
+        v_squared = states[..., :1].double().square()  # E[v^2] = scale^2 (mean 0)
+        mcse = float(v_squared.flatten().std() / effective_sample_size(v_squared).clamp_min(1.0).sqrt().squeeze())
+        out["sd_v"] = float(v_squared.mean().sqrt())
+        out["z_v_squared"] = (float(v_squared.mean()) - target.scale**2) / mcse
+    return out
 
 
-def _result(name: str, states: torch.Tensor, seconds: float, gradient_evaluations: float, target: Target,
+def _result(name: str, states: torch.Tensor, seconds: float, gradients: float, target: Target,
             variance_coordinates: slice, **extra) -> dict:
-    ess = _ess(states)  # states [T, C, dim]
-    # The squares' ESS guards against antithetic draws flattering the means' ESS (it can exceed the draw count).
+    states = states.detach().float()
+    ess = _ess(states)
     ess_squares = _ess((states - target.mean.to(states)).square())
     return {
         "sampler": name,
         "chains": states.shape[1],
         "kept_draws_per_chain": states.shape[0],
-        "seconds_incl_warmup": seconds,
+        "seconds": seconds,
         "ess_min": float(ess.min()),
         "ess_per_second_min": float(ess.min()) / seconds,
         "ess_squares_min": float(ess_squares.min()),
         "ess_squares_per_second_min": float(ess_squares.min()) / seconds,
-        "gradient_evaluations": gradient_evaluations,
-        "microseconds_per_gradient": 1e6 * seconds / gradient_evaluations,
-        "ess_min_per_1k_gradients": 1e3 * float(ess.min()) / gradient_evaluations,
+        "gradient_evaluations": gradients,
+        "microseconds_per_gradient": 1e6 * seconds / gradients,
+        "ess_per_1k_gradients": 1e3 * float(ess.min()) / gradients,
+        "ess_squares_per_1k_gradients": 1e3 * float(ess_squares.min()) / gradients,
         "load_average_1min_after": os.getloadavg()[0],
         **_accuracy(states, target, variance_coordinates),
         **extra,
     }
 
 
-def leapfrog_rule(states: torch.Tensor, step_size: float, inverse_mass: torch.Tensor) -> int:
-    """L = ceil((pi / 2) * sqrt(lambda_max) / eps) from pilot draws [T, C, dim] (see the module docstring)."""
-    whitened = (states / inverse_mass.sqrt()).flatten(0, 1).double()  # [T * C, dim]
-    lambda_max = float(torch.linalg.eigvalsh(torch.cov(whitened.T))[-1])
-    return max(1, math.ceil(0.5 * math.pi * math.sqrt(lambda_max) / step_size))
+def _gradients(trajectory: samplers.Trajectory) -> float:
+    """Energy+gradient evaluations of a run, warmup included, summed over chains."""
+    total = 0.0
+    for info in (trajectory.warmup_info, trajectory.info):
+        if not info:
+            continue
+        if "num_leapfrog_steps" in info:
+            total += float(info["num_leapfrog_steps"].sum())
+        else:  # one gradient per transition; MEADS's resting fold records NaN and computes nothing
+            total += float(torch.isfinite(info["acceptance_prob"].float()).sum())
+    return total
 
 
-def run_batched_hmc(target: Target, *, num_chains: int, warmup: int, num_steps: int, target_accept: float,
-                    seed: int, variance_coordinates: slice) -> dict:
+def run_energyflow(name: str, make: Callable[[], torch.nn.Module], target: Target, *, num_chains: int, warmup: int,
+                   num_steps: int, seed: int, variance_coordinates: slice) -> dict:
     generator = torch.Generator().manual_seed(seed)
     y0 = target.initial_state(num_chains, generator)
-    pilot = HMC(0.1, PILOT_LEAPFROG_STEPS, pooled_mass=True, shared_step_size=True, target_accept=target_accept,
-                step_size_jitter=STEP_SIZE_JITTER)
+    sampler = make()
     start = time.perf_counter()
-    trace = pilot.run(target, y0, num_steps=PILOT_DRAWS, warmup=warmup, generator=generator)
-    step_size, inverse_mass = float(trace.adapted["step_size"][0]), trace.adapted["inverse_mass"][:1]
-    num_leapfrog_steps = leapfrog_rule(trace.states, step_size, inverse_mass)
-    sampler = HMC(step_size, num_leapfrog_steps, inverse_mass=inverse_mass, adapt_step_size=False, adapt_mass=False,
-                  step_size_jitter=STEP_SIZE_JITTER)
-    trajectory = sampler.run(target, trace.states[-1], num_steps=num_steps, generator=generator)
+    trajectory = sampler.run(target, y0, num_steps=num_steps, warmup=warmup, generator=generator)
     seconds = time.perf_counter() - start
-    evaluations = num_chains * ((warmup + PILOT_DRAWS) * PILOT_LEAPFROG_STEPS + num_steps * num_leapfrog_steps)
-    return _result(f"batched HMC ({num_chains} chains, {num_leapfrog_steps} leapfrog)", trajectory.states, seconds,
-                   evaluations, target, variance_coordinates,
-                   acceptance=float(trajectory.acceptance_rate().mean()),
-                   divergences=int(trajectory.num_divergent().sum() + trace.num_divergent().sum()),
-                   step_size=step_size, num_leapfrog_steps=num_leapfrog_steps, target_accept=target_accept,
-                   warmup_share_of_gradients=num_chains * (warmup + PILOT_DRAWS) * PILOT_LEAPFROG_STEPS / evaluations)
+    adapted = {k: float(v.float().mean()) for k, v in trajectory.adapted.items() if v.numel() == 1 or k == "step_size"}
+    divergent = trajectory.info["divergent"].sum() + (trajectory.warmup_info["divergent"].sum()
+                                                       if trajectory.warmup_info else 0)
+    return _result(f"energyflow {name}", trajectory.states, seconds, _gradients(trajectory), target,
+                   variance_coordinates, acceptance=float(trajectory.acceptance_rate().mean()),
+                   divergences=int(divergent), adapted=adapted)
 
 
-def run_pyro(kernel_name: str, make_kernel: Callable, target: Target, *, warmup: int, num_steps: int, seed: int,
-             variance_coordinates: slice) -> dict:
-    """One chain through ``pyro.infer.MCMC``, as a pyro user would run it on a potential function."""
+def run_pyro(target: Target, *, warmup: int, num_steps: int, seed: int, variance_coordinates: slice) -> dict:
+    """One chain of pyro's NUTS through ``pyro.infer.MCMC`` on a potential function, as a pyro user runs it."""
     calls = [0]
 
     def potential_fn(params: dict) -> torch.Tensor:
@@ -139,30 +189,115 @@ def run_pyro(kernel_name: str, make_kernel: Callable, target: Target, *, warmup:
 
     pyro.set_rng_seed(seed)
     y0 = target.initial_state(1, torch.Generator().manual_seed(seed))[0]
-    mcmc = MCMC(make_kernel(potential_fn), num_samples=num_steps, warmup_steps=warmup,
-                initial_params={"y": y0}, num_chains=1, disable_progbar=True)
+    mcmc = MCMC(PyroNUTS(potential_fn=potential_fn, adapt_step_size=True, adapt_mass_matrix=True),
+                num_samples=num_steps, warmup_steps=warmup, initial_params={"y": y0}, num_chains=1,
+                disable_progbar=True)
     start = time.perf_counter()
     mcmc.run()
     seconds = time.perf_counter() - start
     states = mcmc.get_samples()["y"].unsqueeze(1)  # [T, 1, dim]
     diagnostics = mcmc.diagnostics()
     divergences = sum(len(chain) for chain in diagnostics["divergences"].values())
-    return _result(f"pyro {kernel_name} (1 chain)", states, seconds, calls[0], target, variance_coordinates,
+    return _result("pyro NUTS (1 chain)", states, seconds, calls[0], target, variance_coordinates,
                    acceptance=float(diagnostics["acceptance rate"]["chain 0"]), divergences=divergences)
 
 
-def benchmark_target(target: Target, settings: dict, variance_coordinates: slice) -> list[dict]:
-    hmc, pyro_nuts, pyro_hmc = settings["hmc"], settings["pyro_nuts"], settings["pyro_hmc"]
-    batched = run_batched_hmc(target, **hmc, seed=0, variance_coordinates=variance_coordinates)
-    leapfrog = batched["num_leapfrog_steps"]  # pyro's HMC gets the same trajectory length in steps
-    return [
-        batched,
-        run_pyro("NUTS", lambda fn: PyroNUTS(potential_fn=fn, adapt_step_size=True, adapt_mass_matrix=True),
-                 target, **pyro_nuts, seed=0, variance_coordinates=variance_coordinates),
-        run_pyro(f"HMC ({leapfrog} leapfrog)",
-                 lambda fn: PyroHMC(potential_fn=fn, num_steps=leapfrog, adapt_step_size=True, adapt_mass_matrix=True),
-                 target, **pyro_hmc, seed=0, variance_coordinates=variance_coordinates),
-    ]
+def _jax_logdensity(target: Target):
+    import jax.numpy as jnp
+
+    if isinstance(target, Gaussian):
+        mean, precision = jnp.asarray(target.mean.numpy(), jnp.float32), jnp.asarray(target.precision.numpy(),
+                                                                                     jnp.float32)
+        return lambda y: -0.5 * (y - mean) @ precision @ (y - mean)
+    if isinstance(target, Funnel):
+        scale, num_x = target.scale, target.dim - 1
+        return lambda y: -(0.5 * (y[0] / scale) ** 2 + 0.5 * jnp.sum(y[1:] ** 2) * jnp.exp(-y[0]) + 0.5 * num_x * y[0])
+    features = jnp.asarray(target.features.numpy(), jnp.float32)
+    labels = jnp.asarray(target.labels.numpy(), jnp.float32)
+
+    def logistic(y):
+        logits = features @ y
+        return -(jnp.sum(jnp.logaddexp(0.0, logits)) - logits @ labels + 0.5 * jnp.sum(y**2))
+
+    return logistic
+
+
+def run_blackjax_chees(target: Target, *, num_chains: int, warmup: int, num_steps: int, seed: int,
+                       variance_coordinates: slice, mass: Optional[str]) -> dict:
+    import blackjax
+    import jax
+    import numpy as np
+    import optax
+
+    logdensity = _jax_logdensity(target)
+    y0 = jax.numpy.asarray(target.initial_state(num_chains, torch.Generator().manual_seed(seed)).numpy())
+
+    def whole_run(key_seed: int):
+        keys = jax.random.split(jax.random.PRNGKey(key_seed), 2)
+        adaptation = blackjax.chees_adaptation(logdensity, num_chains, mass_matrix_estimation=mass)
+        (last, parameters), info = adaptation.run(keys[0], y0, 0.1, optax.adam(0.025), warmup)
+        kernel = blackjax.dynamic_hmc(logdensity, **parameters).step
+
+        def one(states, key):
+            states, step_info = jax.vmap(kernel)(jax.random.split(key, num_chains), states)
+            return states, (states.position, step_info.num_integration_steps, step_info.acceptance_rate,
+                            step_info.is_divergent)
+
+        _, (positions, steps, acceptance, divergent) = jax.lax.scan(one, last, jax.random.split(keys[1], num_steps))
+        positions.block_until_ready()
+        warm = info._wrapped_info.info
+        return (np.asarray(positions), float(steps.sum()) + float(warm.num_integration_steps.sum()),
+                float(acceptance.mean()), int(divergent.sum()) + int(warm.is_divergent.sum()))
+
+    start = time.perf_counter()
+    whole_run(seed)
+    first_seconds = time.perf_counter() - start
+    start = time.perf_counter()  # the second run reuses the compiled programs (same shapes)
+    positions, gradients, acceptance, divergences = whole_run(seed + 1)
+    seconds = time.perf_counter() - start
+    label = "identity metric" if mass is None else f"{mass} metric"
+    return _result(f"BlackJAX ChEES ({label})", torch.from_numpy(positions), seconds, gradients, target,
+                   variance_coordinates, acceptance=acceptance, divergences=divergences,
+                   first_run_seconds_incl_compile=first_seconds)
+
+
+def energyflow_contenders(target: Target) -> dict[str, Callable[[], torch.nn.Module]]:
+    one_target = {"pooled_mass": True, "shared_step_size": True}
+    funnel = isinstance(target, Funnel)
+    accept = {"target_accept": 0.95} if funnel else {}  # the funnel's neck needs small steps
+    contenders = {
+        "HMC (ChEES, default trajectory)": lambda: HMC(**one_target, **accept),
+        "HMC (quarter-turn rule)": lambda: HMC(trajectory="quarter_turn", **one_target, **accept),
+    }
+    if "mass" in HMC.__init__.__code__.co_varnames:
+        contenders["HMC (ChEES, dense mass)"] = lambda: HMC(mass="dense", **one_target, **accept)
+    if hasattr(samplers, "NUTS") and samplers.NUTS.__module__ == "samplers.nuts" and hasattr(samplers, "PyroNUTS"):
+        contenders["NUTS (batched)"] = lambda: samplers.NUTS(**one_target, **accept)
+    if hasattr(samplers, "MEADS"):
+        contenders["MEADS"] = lambda: samplers.MEADS()
+    contenders["MALA"] = lambda: MALA(0.1, **one_target, **({"target_accept": 0.8} if funnel else {}))
+    return contenders
+
+
+def benchmark_target(target: Target, settings: dict, variance_coordinates: slice, peers: list[str],
+                     exclude: tuple[str, ...] = ()) -> list[dict]:
+    common = {"warmup": settings["warmup"], "num_steps": settings["num_steps"], "seed": 0,
+              "variance_coordinates": variance_coordinates}
+    rows = []
+    for name, make in energyflow_contenders(target).items():
+        if name in exclude:
+            continue
+        # Batched NUTS builds its trees in lockstep, so every transition costs the deepest tree of all its chains
+        # (depth 6-7 of 256 chains on the rotated Gaussian, 2^7 - 1 leapfrog steps): fewer chains keep its run
+        # within minutes; ESS per second and per gradient are rates, comparable across chain counts.
+        chains = min(settings["num_chains"], NUTS_CHAINS) if name.startswith("NUTS") else settings["num_chains"]
+        rows.append(run_energyflow(name, make, target, num_chains=chains, **common))
+        print(f"  {rows[-1]['sampler']}: {rows[-1]['seconds']:.1f} s", flush=True)
+    rows.append(run_pyro(target, **{**common, **settings["pyro"]}))
+    if "blackjax" in peers:
+        for mass in (None, "diagonal"):
+            rows.append(run_blackjax_chees(target, num_chains=settings["num_chains"], mass=mass, **common))
+    return rows
 
 
 def profile_transition(num_chains: int = 1024, num_leapfrog_steps: int = 12, repeats: int = 5) -> dict:
@@ -191,7 +326,7 @@ def profile_transition(num_chains: int = 1024, num_leapfrog_steps: int = 12, rep
     energy = best_seconds(lambda: [energy_and_grad(target, y) for y in states], 10) / len(states)
     transition = best_seconds(lambda: step(state, target, step_size=step_size, generator=generator,
                                            num_leapfrog_steps=num_leapfrog_steps, inverse_mass=inverse_mass,
-                                           step_size_jitter=STEP_SIZE_JITTER), 5)
+                                           step_size_jitter=0.3), 5)
     bookkeeping = transition - num_leapfrog_steps * energy
     return {"chains": num_chains, "num_leapfrog_steps": num_leapfrog_steps, "energy_and_grad_ms": 1e3 * energy,
             "transition_ms": 1e3 * transition, "bookkeeping_ms": 1e3 * bookkeeping,
@@ -209,52 +344,54 @@ def _write_profile(out: Path) -> None:
 
 def _settings(quick: bool) -> dict:
     if quick:
-        small = {"hmc": {"num_chains": 16, "warmup": 20, "num_steps": 20, "target_accept": 0.8},
-                 "pyro_nuts": {"warmup": 10, "num_steps": 10}, "pyro_hmc": {"warmup": 10, "num_steps": 10}}
-        return {"gaussian": small, "funnel": small}
-    # pyro's fixed-length HMC is the slowest contender by far (no batching, long trajectories): a shorter run
-    # keeps the whole benchmark within a few minutes; its ESS/s is a rate, so the shorter run is still fair.
-    pyro_nuts, pyro_hmc = {"warmup": 300, "num_steps": 900}, {"warmup": 150, "num_steps": 300}
-    return {
-        # 2000 kept draws: the warmup and pilot are fixed costs, so a longer run shows the sampler's rate, as
-        # pyro's 300 + 900 does for NUTS (whose cost is per draw and dominated by Python overhead).
-        "gaussian": {"hmc": {"num_chains": 1024, "warmup": 150, "num_steps": 2000, "target_accept": 0.8},
-                     "pyro_nuts": pyro_nuts, "pyro_hmc": pyro_hmc},
-        # The funnel's neck needs small steps: a higher target acceptance trades speed for fewer divergences.
-        "funnel": {"hmc": {"num_chains": 1024, "warmup": 300, "num_steps": 1000, "target_accept": 0.95},
-                   "pyro_nuts": pyro_nuts, "pyro_hmc": pyro_hmc},
-    }
+        return {"default": {"num_chains": 16, "warmup": 30, "num_steps": 20, "pyro": {"warmup": 10, "num_steps": 10}},
+                "regression": {"num_chains": 8, "warmup": 30, "num_steps": 20,
+                               "pyro": {"warmup": 10, "num_steps": 10}}}
+    # pyro's one chain gets 300 + 900: its cost is per draw and dominated by Python overhead, so ESS/s is a rate
+    # that a longer run would not change, and the benchmark stays within its time.
+    pyro = {"warmup": 300, "num_steps": 900}
+    return {"default": {"num_chains": 1024, "warmup": 500, "num_steps": 1000, "pyro": pyro},
+            "regression": {"num_chains": 128, "warmup": 500, "num_steps": 1000, "pyro": pyro}}
+
+
+def _best_peer(rows: list[dict]) -> Optional[dict]:
+    peers = [row for row in rows if row["sampler"].startswith("BlackJAX ChEES")]
+    return max(peers, key=lambda row: row["ess_squares_per_1k_gradients"]) if peers else None
 
 
 def markdown(results: dict) -> str:
     lines = [
-        "| target | sampler | chains x kept draws | seconds (incl. warmup) | ESS min | ESS/s min | vs pyro NUTS | "
-        "ESS/s min (squares) | vs pyro NUTS (squares) | ESS per 1k gradients | µs per gradient | "
-        "max abs mean err / sd | max rel var err | acceptance | divergences | load avg |",
+        "| target | sampler | chains x draws | seconds | ESS/s | ESS/s (squares) | ESS per 1k grad | "
+        "ESS per 1k grad (squares) | vs best ChEES (squares/grad, /s) | µs per grad | mean err / sd | "
+        "var rel err | funnel sd(v), z(E v^2) | acceptance | divergences | load |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for target_name, rows in results["targets"].items():
-        nuts = next(row for row in rows if row["sampler"].startswith("pyro NUTS"))
+        peer = _best_peer(rows)
         for row in rows:
-            ratio = row["ess_per_second_min"] / nuts["ess_per_second_min"]
-            ratio_squares = row["ess_squares_per_second_min"] / nuts["ess_squares_per_second_min"]
+            versus = "" if peer is None else (
+                f"{row['ess_squares_per_1k_gradients'] / peer['ess_squares_per_1k_gradients']:.2f}x, "
+                f"{row['ess_squares_per_second_min'] / peer['ess_squares_per_second_min']:.2f}x")
+            funnel = f"{row['sd_v']:.2f}, {row['z_v_squared']:+.1f}" if "sd_v" in row else ""
             lines.append(
                 f"| {target_name} | {row['sampler']} | {row['chains']} x {row['kept_draws_per_chain']} | "
-                f"{row['seconds_incl_warmup']:.1f} | {row['ess_min']:.0f} | {row['ess_per_second_min']:.1f} | "
-                f"{ratio:.0f}x | {row['ess_squares_per_second_min']:.1f} | {ratio_squares:.0f}x | "
-                f"{row['ess_min_per_1k_gradients']:.2f} | {row['microseconds_per_gradient']:.2f} | "
-                f"{row['max_abs_mean_error_over_sd']:.3f} | {row['max_rel_variance_error']:.3f} | "
-                f"{row['acceptance']:.2f} | {row['divergences']} | {row['load_average_1min_after']:.1f} |"
+                f"{row['seconds']:.1f} | {row['ess_per_second_min']:.0f} | {row['ess_squares_per_second_min']:.0f} | "
+                f"{row['ess_per_1k_gradients']:.2f} | {row['ess_squares_per_1k_gradients']:.2f} | {versus} | "
+                f"{row['microseconds_per_gradient']:.2f} | {row['max_abs_mean_error_over_sd']:.3f} | "
+                f"{row['max_rel_variance_error']:.3f} | {funnel} | {row['acceptance']:.2f} | {row['divergences']} | "
+                f"{row['load_average_1min_after']:.1f} |"
             )
     machine = results.get("machine", {})
     lines.append("")
-    lines.append(f"Clocks include warmup (for batched HMC: its pilot) for every sampler; {machine.get('threads', '?')} "
-                 f"intra-op threads each (OMP_WAIT_POLICY={machine.get('omp_wait_policy', '?')}), on a CPU shared "
-                 "with other jobs (load avg: 1-minute load average after each run). ESS: minimum over coordinates, "
-                 "over all chains, of the draws (\"ESS\") and of their squared deviations from the true mean "
-                 "(\"squares\"). A gradient is one chain's energy+gradient evaluation. Acceptance: batched HMC "
-                 "reports its mean Metropolis acceptance probability, pyro its fraction of accepted transitions "
-                 "(NUTS almost always moves). Divergences of batched HMC include its pilot.")
+    lines.append(
+        f"One intra-op thread per contender (torch {machine.get('torch', '?')}, "
+        f"{'blackjax ' + machine['blackjax'] if machine.get('blackjax') else 'blackjax not installed'}); seconds "
+        "cover warmup and sampling (BlackJAX: its second, compiled run; the first, with compilation, is in the "
+        "JSON). ESS: minimum over coordinates over all chains, of the draws and of their squared deviations from "
+        "the (reference) mean. A gradient is one chain's energy+gradient evaluation, warmup included. \"vs best "
+        "ChEES\": this row's ESS of squares per gradient and per second over the BlackJAX ChEES row with the "
+        "most ESS of squares per gradient. Funnel: sd of v (true 3) and the z-score of the estimate of E[v^2] "
+        "against 9 (its MCSE from the ESS of v^2). load: 1-minute load average after the run.")
     return "\n".join(lines) + "\n"
 
 
@@ -262,29 +399,48 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny settings: checks the script runs")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for samplers.json / samplers.md")
+    parser.add_argument("--targets", nargs="*", default=None, help="run only these targets (names as in the table)")
+    parser.add_argument("--exclude", nargs="*", default=(), help="energyflow contenders to leave out, by name "
+                        "(e.g. 'NUTS (batched)': its lockstep trees on the funnel run to the depth cap)")
     parser.add_argument("--profile", action="store_true",
                         help="only profile one HMC transition (energy+gradient vs bookkeeping): samplers_profile.*")
     args = parser.parse_args()
+    torch.set_num_threads(1)
     if args.profile:
         _write_profile(args.out)
         return
     settings = _settings(args.quick)
+    peers = []
+    try:
+        import blackjax
+
+        peers.append("blackjax")
+    except ImportError:
+        blackjax = None
+    regression = LogisticRegression()
+    reference = logistic_reference(regression, args.quick)
+    regression.mean, regression.variance = reference["mean"], reference["variance"]
     targets = {
-        "gaussian_100d_cond100_rotated": (Gaussian.ill_conditioned(dim=100, condition_number=100.0), "gaussian"),
-        # The same spectrum without the rotation: a diagonal mass matrix can whiten it completely.
-        "gaussian_100d_cond100_diagonal": (Gaussian.ill_conditioned(dim=100, condition_number=100.0, rotate=False),
-                                           "gaussian"),
-        "neals_funnel_10d": (Funnel(dim=10, scale=3.0), "funnel"),
+        "gaussian_100d_rotated": (Gaussian.ill_conditioned(dim=100, condition_number=100.0), "default"),
+        "gaussian_100d_diagonal": (Gaussian.ill_conditioned(dim=100, condition_number=100.0, rotate=False), "default"),
+        "neals_funnel_10d": (Funnel(dim=10, scale=3.0), "default"),
+        "logistic_regression_breast_cancer": (regression, "regression"),
     }
     results = {
-        "machine": {**bench.machine(), "pyro": pyro.__version__, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                    "load_average_at_start": os.getloadavg()},
+        "machine": {**bench.machine(), "pyro": pyro.__version__,
+                    "blackjax": getattr(blackjax, "__version__", None), "load_average_at_start": os.getloadavg()},
         "settings": settings,
+        "excluded": list(args.exclude),
+        "logistic_reference": {"min_ess": reference["min_ess"], "acceptance": reference["acceptance"]},
         "targets": {},
     }
     for name, (target, key) in targets.items():
-        variance_coordinates = slice(0, 1) if key == "funnel" else slice(None)
-        results["targets"][name] = benchmark_target(target, settings[key], variance_coordinates)
+        if args.targets and name not in args.targets:
+            continue
+        print(name, flush=True)
+        variance_coordinates = slice(0, 1) if isinstance(target, Funnel) else slice(None)
+        results["targets"][name] = benchmark_target(target, settings[key], variance_coordinates, peers,
+                                                    tuple(args.exclude))
         print(markdown({"machine": results["machine"], "targets": {name: results["targets"][name]}}), flush=True)
     stem = "samplers_quick" if args.quick else "samplers"
     bench.write(args.out, stem, results, markdown(results))

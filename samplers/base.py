@@ -181,6 +181,7 @@ class Sampler(nn.Module):
     # Metropolis samplers warn after a run with a warmup whose kept transitions diverged too often
     # (``warn_if_divergent``); for a descent a divergence is a chain gone non-finite, visible in its states.
     warns_on_divergence = False
+    divergence_remedy: Optional[str] = None  # the warning's advice, if not a higher target_accept
 
     def __init__(self, transforms: Sequence[Transform] = ()) -> None:
         super().__init__()
@@ -297,11 +298,11 @@ class Sampler(nn.Module):
                 recorder.record(index - warmup, state, info)
         trajectory = recorder.trajectory(self._adapted(tuning, y0))
         if self.warns_on_divergence and warmup > 0:
-            warn_if_divergent(recorder.divergent, type(self).__name__, warmup)
+            warn_if_divergent(recorder.divergent, type(self).__name__, warmup, self.divergence_remedy)
         return trajectory
 
 
-def warn_if_divergent(divergent: Tensor, sampler: str, warmup: int) -> None:
+def warn_if_divergent(divergent: Tensor, sampler: str, warmup: int, remedy: Optional[str] = None) -> None:
     """Warn (``SamplerWarning``) if more than ``DIVERGENCE_WARNING_RATE`` of the post-warmup transitions
     ``divergent`` [num_steps, C] (unthinned) diverged. One host sync, once per run, never inside the loop.
 
@@ -322,8 +323,8 @@ def warn_if_divergent(divergent: Tensor, sampler: str, warmup: int) -> None:
         f"{sampler}: {total} of {divergent.numel()} post-warmup transitions diverged ({rate:.1%}, above the "
         f"{DIVERGENCE_WARNING_RATE:.0%} this warning allows; {chains} of {num_chains} chains diverged, the worst "
         f"in {worst / num_steps:.0%} of its steps), so the draws are not reliable. Use a longer warmup (this "
-        f"run had {warmup}), a higher target_accept (smaller adapted steps) or a smaller initial step_size; "
-        "trajectory.info['divergent'] marks each divergent transition.",
+        f"run had {warmup}), {remedy or 'a higher target_accept (smaller adapted steps) or a smaller initial step_size'}"
+        "; trajectory.info['divergent'] marks each divergent transition.",
         SamplerWarning,
         stacklevel=3,  # the caller's ``run`` line (warn_if_divergent <- run <- caller)
     )

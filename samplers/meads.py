@@ -256,6 +256,7 @@ class MEADS(Sampler):
 
     supports_differentiable = False  # accept/reject is discrete
     warns_on_divergence = True  # after a run with a warmup (see samplers.base.warn_if_divergent)
+    divergence_remedy = "more chains per fold (steadier step-size estimates) or a reparametrisation of the target"
 
     def __init__(
         self,
