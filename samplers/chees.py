@@ -35,8 +35,9 @@ the acceptance-weighted mean of the proposals -- so every chain must sample the 
   whenever a mass-matrix window closes (the geometry changed, so the early iterates no longer apply).
 - ``L`` is capped at ``max_leapfrog_steps``; chains with no accepted proposal in a transition contribute
   nothing; a transition where none accepts leaves T unchanged.
-- Host syncs: the number of leapfrog steps is a Python int, so every warmup transition reads T / eps once
-  (one scalar); after warmup nothing more (the frozen T / eps is read once).
+- Host syncs: the number of leapfrog steps is a Python int, so every warmup transition reads two values on the
+  host (the mean step size, and the gradient estimate with its weight); after warmup none (the frozen T / eps
+  is read once, at the end of warmup).
 
 ``QuarterTurn``: the rule ``L = ceil((pi / 2) sqrt(lambda_max) / eps)``, lambda_max the largest eigenvalue of
 the covariance of the draws in the mass matrix's whitened coordinates (``y / sqrt(M^-1)``, or ``L^-1 y``): the slowest
@@ -135,8 +136,9 @@ class ChEESAdaptation:
         # d y'_c / dT = u * (eps_c / eps_mean) * v'_c: every chain ran L steps of its own step size.
         rate = (step_size.detach().reshape(-1) / mean_step).expand(y.shape[0]) if step_size.numel() > 1 else 1.0
         per_chain = change * (end_centred * speed).sum(dim=1) * rate
-        gradient = float((weight * per_chain).sum() / total.clamp_min(1e-30)) * jitter_factor(index)
-        if not float(total) > 0.0 or not math.isfinite(gradient):
+        total_value, weighted = torch.stack([total, (weight * per_chain).sum()]).tolist()  # one host read
+        gradient = weighted / max(total_value, 1e-30) * jitter_factor(index)
+        if not total_value > 0.0 or not math.isfinite(gradient):
             return  # nothing accepted: the transition says nothing about T
         gradient *= self.length  # the derivative in log T
         self._num_updates += 1

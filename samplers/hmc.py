@@ -279,9 +279,9 @@ class HMC(MetropolisSampler):
         return HMCTuning(metropolis, QuarterTurn(collect_from, warmup, max_leapfrog_steps=self.max_leapfrog_steps),
                          self.num_leapfrog_steps or PILOT_LEAPFROG_STEPS, None)
 
-    def _leapfrog_steps(self, tuning: HMCTuning, index: int) -> int:
+    def _leapfrog_steps(self, tuning: HMCTuning, index: int, mean_step: Optional[float]) -> int:
         if isinstance(tuning.trajectory, ChEESAdaptation):
-            return tuning.trajectory.num_steps(index, mean_step_size(tuning.step_size))
+            return tuning.trajectory.num_steps(index, mean_step)
         if tuning.length_over_step is not None:
             return steps_for(jitter_factor(index) * tuning.length_over_step, 1.0, self.max_leapfrog_steps)
         return tuning.num_leapfrog_steps
@@ -293,7 +293,9 @@ class HMC(MetropolisSampler):
         self, state: HMCState, energy_fn: EnergyFn, transforms: Sequence[Transform], tuning: HMCTuning,
         ctx: StepContext
     ) -> tuple[HMCState, HMCInfo]:
-        num_steps = self._leapfrog_steps(tuning, ctx.index)
+        adapting = isinstance(tuning.trajectory, ChEESAdaptation)
+        mean_step = mean_step_size(tuning.step_size) if adapting else None  # one host read, warmup only
+        num_steps = self._leapfrog_steps(tuning, ctx.index, mean_step)
         new_state, info, proposal = transition(
             state,
             energy_fn,
@@ -305,10 +307,10 @@ class HMC(MetropolisSampler):
             max_energy_error=self.max_energy_error,
             step_size_jitter=self.step_size_jitter,
         )
-        if isinstance(tuning.trajectory, ChEESAdaptation):
+        if adapting:
             tuning.trajectory.update(ctx.index, state.y, proposal.y, velocity(proposal.momentum, tuning.inverse_mass),
-                                     info.acceptance_prob, chain_mean(proposal.step_size, state.y),
-                                     mean_step_size(tuning.step_size), tuning.inverse_mass)
+                                     info.acceptance_prob, chain_mean(proposal.step_size, state.y), mean_step,
+                                     tuning.inverse_mass)
         steps = torch.full_like(info.acceptance_prob, float(num_steps))
         return new_state, HMCInfo(*info, steps)
 
