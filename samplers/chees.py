@@ -72,10 +72,10 @@ def halton(index: int) -> float:
     return value
 
 
-def jitter_factor(index: int) -> float:
-    """The trajectory-length factor of transition ``index`` (0-based): the Halton point, mapped into (0, 1]
-    so that the longest trajectory is the adapted T itself."""
-    return 1.0 - halton(index + 1)
+def jitter_factor(index: int, amount: float = 1.0) -> float:
+    """The trajectory-length factor of transition ``index`` (0-based): the Halton point, mapped into
+    (1 - amount, 1] so that the longest trajectory is the adapted T itself (``amount`` = 1: (0, 1])."""
+    return 1.0 - amount * halton(index + 1)
 
 
 def mean_step_size(step_size: Tensor) -> float:
@@ -86,12 +86,18 @@ def mean_step_size(step_size: Tensor) -> float:
 class ChEESAdaptation:
     """The trajectory length T of HMC adapted by ChEES during warmup (see the module docstring)."""
 
-    def __init__(self, initial_length: float, *, learning_rate: float = 0.025, max_leapfrog_steps: int = 1000) -> None:
+    def __init__(self, initial_length: float, *, learning_rate: float = 0.025, max_leapfrog_steps: int = 1000,
+                 jitter: float = 1.0) -> None:
         if not initial_length > 0:
             raise ValueError(f"the initial trajectory length must be positive, got {initial_length}")
+        if not 0.0 < jitter <= 1.0:
+            raise ValueError(f"the trajectory jitter must be in (0, 1] (lengths u T with u in (1 - jitter, 1]), "
+                             f"got {jitter!r}")
+        self.jitter = jitter
         self.log_length = math.log(initial_length)
         self.learning_rate, self.max_leapfrog_steps = learning_rate, max_leapfrog_steps
         self._second_moment, self._num_updates = 0.0, 0
+        self.floor: Optional["QuarterTurn"] = None  # HMC(length_floor=True): T >= a quarter turn at the end
         self.restart()
 
     def restart(self) -> None:
@@ -106,7 +112,7 @@ class ChEESAdaptation:
         return math.exp(self._average)
 
     def num_steps(self, index: int, step_size: float) -> int:
-        return steps_for(jitter_factor(index) * self.length, step_size, self.max_leapfrog_steps)
+        return steps_for(jitter_factor(index, self.jitter) * self.length, step_size, self.max_leapfrog_steps)
 
     def update(self, index: int, y: Tensor, proposal: Tensor, velocity: Tensor, acceptance_prob: Tensor,
                step_size: Tensor, mean_step: float, inverse_mass: Optional[Tensor] = None) -> None:
@@ -137,7 +143,7 @@ class ChEESAdaptation:
         rate = (step_size.detach().reshape(-1) / mean_step).expand(y.shape[0]) if step_size.numel() > 1 else 1.0
         per_chain = change * (end_centred * speed).sum(dim=1) * rate
         total_value, weighted = torch.stack([total, (weight * per_chain).sum()]).tolist()  # one host read
-        gradient = weighted / max(total_value, 1e-30) * jitter_factor(index)
+        gradient = weighted / max(total_value, 1e-30) * jitter_factor(index, self.jitter)
         if not total_value > 0.0 or not math.isfinite(gradient):
             return  # nothing accepted: the transition says nothing about T
         gradient *= self.length  # the derivative in log T
@@ -201,10 +207,14 @@ class QuarterTurn:
             rows = inverse_mass.whiten(rows)  # L^-1 y for a dense or low-rank M^-1 = L L^T
         self._rows.append(rows.flatten(1)[:per_step].clone())
 
-    def num_steps(self, step_size: float) -> int:
+    def length(self) -> float:
+        """(pi / 2) sqrt(lambda_max): a quarter period of the slowest whitened direction (0 with < 2 rows)."""
         if not self._rows:
             raise RuntimeError("QuarterTurn saw no warmup draws")
         rows = torch.cat(self._rows)
         if rows.shape[0] < 2:
-            return 1
-        return steps_for(0.5 * math.pi * math.sqrt(largest_eigenvalue(rows)), step_size, self.max_leapfrog_steps)
+            return 0.0
+        return 0.5 * math.pi * math.sqrt(max(largest_eigenvalue(rows), 0.0))
+
+    def num_steps(self, step_size: float) -> int:
+        return steps_for(self.length(), step_size, self.max_leapfrog_steps)

@@ -9,12 +9,13 @@ that chain is rejected (keeps its state), the others are unaffected.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from samplers.base import StepContext, StepSize, chain_mean, evaluate
+from samplers.base import StepContext, StepSize, chain_mean, evaluate, finite_chains, per_chain
 from samplers.chees import ChEESAdaptation, QuarterTurn, jitter_factor, mean_step_size, steps_for
 from samplers.energy import EnergyFn
 from samplers.integrators import kinetic_energy, leapfrog, sample_momentum, velocity
@@ -76,6 +77,7 @@ class Proposal(NamedTuple):
     y: Tensor  # [C, *event]
     momentum: Tensor  # [C, *event] p at the end (velocity M^-1 p computed only where needed)
     step_size: Tensor  # the (jittered) step size used, broadcast against the state
+    extra_gradients: Optional[Tensor] = None  # [C] delayed rejection's second-stage evaluations, if any
 
 
 def transition(
@@ -89,6 +91,7 @@ def transition(
     transforms: Sequence[Transform] = (),
     max_energy_error: float = 1000.0,
     step_size_jitter: float = 0.0,
+    delayed_rejection: Optional["DelayedRejection"] = None,
 ) -> tuple[HMCState, MetropolisInfo, Proposal]:
     """``step`` that also returns the proposal (its state, final velocity and step size)."""
     step_size = jittered_step_size(step_size, state.y, step_size_jitter, generator)
@@ -116,12 +119,103 @@ def transition(
         select(accepted, evaluated.grad, state.grad),
     )
     info = MetropolisInfo(acceptance_prob, accepted, divergent, chain_mean(step_size, state.y), energy_error)
+    if delayed_rejection is not None:
+        new_state, info, extra = _delayed_rejection(
+            state, new_state, info, energy_fn, momentum, initial_kinetic, step_size, num_leapfrog_steps,
+            delayed_rejection, inverse_mass, transforms, max_energy_error, generator,
+        )
+        return new_state, info, Proposal(y_new, momentum_new, step_size, extra)
     return new_state, info, Proposal(y_new, momentum_new, step_size)
+
+
+class DelayedRejection(NamedTuple):
+    """The second stage of delayed-rejection HMC: its step size is the first stage's over ``factor``, its
+    leapfrog count ``ceil(factor * L)`` (the same trajectory length) or L (``same_length=False``)."""
+
+    factor: float
+    same_length: bool = True
+
+    def num_steps(self, num_leapfrog_steps: int) -> int:
+        return math.ceil(self.factor * num_leapfrog_steps) if self.same_length else num_leapfrog_steps
+
+
+def _rows(x: Optional[Tensor], index: Tensor, num_chains: int):
+    """The chains ``index`` of a per-chain tensor; a shared one (leading size 1, a MassMatrix, None) as is."""
+    if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == num_chains:
+        return x.index_select(0, index)
+    return x
+
+
+def _log_one_minus_acceptance(energy_error: Tensor) -> Tensor:
+    """log(1 - min(1, exp(-dH))) from dH (+inf for a divergence: log 1 = 0; dH <= 0: -inf), accurately."""
+    return torch.where(energy_error > 0, torch.log(-torch.expm1(-energy_error.clamp_min(1e-30))),
+                       torch.full_like(energy_error, float("-inf")))
+
+
+def _delayed_rejection(
+    state: HMCState, new_state: HMCState, info: MetropolisInfo, energy_fn: EnergyFn, momentum: Tensor,
+    initial_kinetic: Tensor, step_size: Tensor, num_leapfrog_steps: int, stage: DelayedRejection,
+    inverse_mass, transforms: Sequence[Transform], max_energy_error: float, generator: Optional[torch.Generator],
+) -> tuple[HMCState, MetropolisInfo, Tensor]:
+    """Second stage for the chains the first rejected (Tierney & Mira 1999; Modi, Barnett & Carpenter 2023).
+
+    From the same (y, p) a trajectory with the step size over ``factor`` proposes z2; it is accepted with
+    min(1, pi(z2) (1 - a1(z2)) / (pi(z) (1 - a1(z)))), where a1(z) is the first stage's acceptance and
+    a1(z2) the acceptance the first stage would have had from z2 (its "ghost" trajectory: L steps at the
+    first stage's step size from z2 with the momentum flipped). Detailed balance holds because both stages
+    are involutions and that ratio is symmetric in (z, z2). Only the rejected chains are evaluated (one
+    host sync per transition for their index), so the energy must treat chains independently.
+    Returns the merged state and info: ``accepted`` either stage, ``acceptance_prob`` / ``energy_error``
+    the first stage's (what the step size adapts to), ``divergent`` the last trajectory each chain ran;
+    and the extra energy+gradient evaluations per chain [C] (second stage and ghost, 0 where not run).
+    """
+    num_chains = state.y.shape[0]
+    index = (~info.accepted).nonzero().squeeze(1)
+    if index.numel() == 0:
+        return new_state, info, torch.zeros_like(info.acceptance_prob)
+    y, grad, energy0 = state.y.index_select(0, index), state.grad.index_select(0, index), state.energy[index]
+    p0, kinetic0 = momentum.index_select(0, index), initial_kinetic[index]
+    first_step = _rows(step_size, index, num_chains)
+    mass = _rows(inverse_mass, index, num_chains)
+    second_step = first_step / stage.factor
+    y2, p2, evaluated2 = leapfrog(y, p0, grad, energy_fn, step_size=second_step,
+                                  num_steps=stage.num_steps(num_leapfrog_steps), inverse_mass=mass,
+                                  transforms=transforms)
+    hamiltonian2 = evaluated2.energy + kinetic_energy(p2, mass)
+    error2 = hamiltonian2 - (energy0 + kinetic0)
+    # The ghost: the first stage's map from z2 = (y2, -p2).
+    y_ghost, p_ghost, evaluated_ghost = leapfrog(y2, -p2, evaluated2.grad, energy_fn, step_size=first_step,
+                                                 num_steps=num_leapfrog_steps, inverse_mass=mass,
+                                                 transforms=transforms)
+    ghost_error = (evaluated_ghost.energy + kinetic_energy(p_ghost, mass)) - hamiltonian2
+    ghost_error = torch.where(finite_chains(ghost_error, evaluated_ghost.grad if transforms else None)
+                              & (ghost_error <= max_energy_error), ghost_error,
+                              torch.full_like(ghost_error, float("inf")))  # divergent: a1(z2) = 0
+    first_error = info.energy_error[index]  # +inf where the first stage diverged
+    divergent2 = ~finite_chains(error2, evaluated2.grad if transforms else None) | (error2 > max_energy_error)
+    log_ratio = -error2 + _log_one_minus_acceptance(ghost_error) - _log_one_minus_acceptance(first_error)
+    log_ratio = torch.where(divergent2, torch.full_like(log_ratio, float("-inf")), log_ratio)
+    uniform = torch.rand(log_ratio.shape, generator=generator, device=log_ratio.device, dtype=log_ratio.dtype)
+    accepted2 = uniform < torch.exp(log_ratio.clamp(max=0.0))
+    accepted = info.accepted.index_put((index,), accepted2)
+    divergent = info.divergent.index_put((index,), divergent2)
+    moved = per_chain(accepted2, y)
+    merged = HMCState(
+        new_state.y.index_put((index,), torch.where(moved, y2, y)),
+        new_state.energy.index_put((index,), torch.where(accepted2, evaluated2.energy, energy0)),
+        new_state.grad.index_put((index,), torch.where(moved, evaluated2.grad, grad)),
+    )
+    extra = torch.zeros_like(info.acceptance_prob).index_put(
+        (index,), torch.full_like(energy0, float(stage.num_steps(num_leapfrog_steps) + num_leapfrog_steps)))
+    return merged, info._replace(accepted=accepted, divergent=divergent), extra
 
 
 TRAJECTORIES = ("auto", "fixed", "chees", "quarter_turn")
 DEFAULT_LEAPFROG_STEPS = 10  # the fixed length when none is given and nothing adapts it
 PILOT_LEAPFROG_STEPS = 8  # quarter_turn's warmup length when none is given
+DEFAULT_TARGET_ACCEPT = 0.8  # target_accept when none is given, except for ChEES without delayed rejection:
+CHEES_TARGET_ACCEPT = 0.651  # ChEES's (harmonic-mean) target, as in its paper (measured better, see HMC's docstring)
+DEFAULT_CHEES_JITTER = 0.5  # ChEES lengths u T with u in (0.5, 1] (measured better than (0, 1], see HMC)
 QUARTER_TURN_JITTER = 0.3  # quarter_turn's default step-size jitter (randomises the faster directions' phases)
 
 
@@ -163,8 +257,11 @@ class HMC(MetropolisSampler):
     The trajectory length (``trajectory``, see ``samplers.chees``):
     - ``"fixed"``: ``num_leapfrog_steps`` (default 10) leapfrog steps every transition, the textbook HMC;
     - ``"chees"``: the trajectory length T = eps * L adapted during warmup by ChEES across chains, sampled
-      with Halton-jittered lengths ``L_n = ceil(u_n T / eps)``, u_n in (0, 1] (``num_leapfrog_steps``, if
-      given, sets the initial T = eps * L; default 10 steps; ``max_leapfrog_steps`` caps L);
+      with Halton-jittered lengths ``L_n = ceil(u_n T / eps)``, u_n in (1 - ``trajectory_jitter``, 1]
+      (default 0.5: (0.5, 1]; 1 is the paper's (0, 1]) (``num_leapfrog_steps``, if given, sets the initial
+      T = eps * L; default 10 steps; ``max_leapfrog_steps`` caps L); ``length_floor=True`` keeps the final T
+      at least a quarter turn ``(pi / 2) sqrt(lambda_max)`` of the slowest whitened direction of the last
+      warmup draws (measured: no change on the benchmark's Gaussians, where ChEES's T is already longer);
     - ``"quarter_turn"``: warmup with ``num_leapfrog_steps`` (default 8), then L fixed by the quarter-turn
       rule ``ceil((pi / 2) sqrt(lambda_max) / eps)`` from the warmup's last draws, sampled with step-size
       jitter (0.3 unless ``step_size_jitter`` is given);
@@ -190,11 +287,23 @@ class HMC(MetropolisSampler):
     breaks the resonance of a fixed trajectory length eps * L (worth turning on whenever the mass matrix
     nearly whitens the target; off by default so that ``HMC(eps, L)`` is the textbook sampler).
 
-    ``target_accept`` defaults to 0.8, not the asymptotically optimal 0.651 of Beskos et al. (2013): that
-    optimum holds for product targets as d -> inf, while on curved or heavy-tailed targets (funnels,
-    EBT energies) smaller steps buy robustness, and 0.8 matches Stan's and pyro's defaults. Lowering it
-    is not a sure gain even on Gaussians: on the benchmark's rotated 100-d Gaussian, 0.65 gave the same
-    ESS of squares per gradient as 0.8 and 15% less ESS of the means.
+    ``delayed_rejection=a`` (a > 1) gives every chain the first trajectory rejects a second try from the same
+    state and momentum with the step size over ``a`` (and ``ceil(a L)`` steps, the same trajectory length,
+    or L with ``delayed_rejection_same_length=False``), accepted by the delayed-rejection ratio that keeps
+    detailed balance (Modi, Barnett & Carpenter 2023; see ``_delayed_rejection``): exact on multiscale
+    targets such as a funnel, whose neck no single step size fits. Its second stage costs ``ceil(a L) + L``
+    evaluations for the rejected chains only (counted per chain in ``info["num_leapfrog_steps"]``), evaluated
+    on that subset of chains, so the energy must treat chains independently (one target for all chains). With
+    it the shared step size follows the arithmetic mean of the first stage's acceptance (``"auto"``), since
+    the second stage, not a smaller step for everyone, serves the chains that cannot move.
+
+    ``target_accept`` (None: the default) is 0.8 -- Stan's and pyro's default, not the asymptotically optimal
+    0.651 of Beskos et al. (2013), which holds for product targets as d -> inf while on curved or
+    heavy-tailed targets (funnels, EBT energies) smaller steps buy robustness; on the benchmark's rotated
+    100-d Gaussian a fixed-length HMC at 0.65 gave the same ESS of squares per gradient as 0.8 and 15% less
+    ESS of the means. ChEES without delayed rejection uses 0.651 of the harmonic mean, as in its paper: there
+    it measured better (with the (0.5, 1] jitter, ESS of squares per gradient +2% on the rotated Gaussian,
+    +7% unrotated; see docs/samplers.md).
     """
 
     def __init__(
@@ -205,7 +314,7 @@ class HMC(MetropolisSampler):
         inverse_mass: Optional[Tensor] = None,
         adapt_step_size: bool = True,
         adapt_mass: bool = True,
-        target_accept: float = 0.8,
+        target_accept: Optional[float] = None,
         max_energy_error: float = 1000.0,
         transforms: Sequence[Transform] = (),
         pooled_mass: bool = False,
@@ -216,13 +325,17 @@ class HMC(MetropolisSampler):
         step_size_statistic: str = "auto",
         mass: str = "diagonal",
         mass_rank: Optional[int] = None,
+        delayed_rejection: Optional[float] = None,
+        delayed_rejection_same_length: bool = True,
+        length_floor: bool = False,
+        trajectory_jitter: float = DEFAULT_CHEES_JITTER,
     ) -> None:
         super().__init__(
             step_size,
             inverse_mass=inverse_mass,
             adapt_step_size=adapt_step_size,
             adapt_mass=adapt_mass,
-            target_accept=target_accept,
+            target_accept=DEFAULT_TARGET_ACCEPT if target_accept is None else target_accept,
             max_energy_error=max_energy_error,
             transforms=transforms,
             pooled_mass=pooled_mass,
@@ -242,6 +355,21 @@ class HMC(MetropolisSampler):
         if step_size_statistic not in ("auto", "arithmetic", "harmonic"):
             raise ValueError(f"step_size_statistic must be 'auto', 'arithmetic' or 'harmonic', got "
                              f"{step_size_statistic!r}")
+        if delayed_rejection is not None and (isinstance(delayed_rejection, bool)
+                                              or not isinstance(delayed_rejection, (int, float))
+                                              or not delayed_rejection > 1.0):
+            raise ValueError(f"delayed_rejection is the second stage's step-size reduction factor, a number > 1 "
+                             f"(e.g. 4), got {delayed_rejection!r}")
+        self.delayed_rejection = delayed_rejection
+        self._target_accept_given = target_accept
+        self.length_floor = length_floor
+        if isinstance(trajectory_jitter, bool) or not isinstance(trajectory_jitter, (int, float)) \
+                or not 0.0 < trajectory_jitter <= 1.0:
+            raise ValueError(f"trajectory_jitter must be in (0, 1] (ChEES lengths u T with u in (1 - jitter, 1]), "
+                             f"got {trajectory_jitter!r}")
+        self.trajectory_jitter = float(trajectory_jitter)
+        self._second_stage = (None if delayed_rejection is None
+                              else DelayedRejection(float(delayed_rejection), delayed_rejection_same_length))
         self.step_size_statistic = step_size_statistic
         self.trajectory, self.max_leapfrog_steps = trajectory, max_leapfrog_steps
         self._step_size_jitter = step_size_jitter
@@ -263,19 +391,25 @@ class HMC(MetropolisSampler):
         rule = self._trajectory_rule(warmup)
         if metropolis.adaptation is not None:
             statistic = self.step_size_statistic
-            harmonic = statistic == "harmonic" or (statistic == "auto" and rule != "fixed")
+            harmonic = statistic == "harmonic" or (statistic == "auto" and rule != "fixed"
+                                                   and self.delayed_rejection is None)
             metropolis.adaptation.harmonic_acceptance = harmonic
+            if self._target_accept_given is None and rule == "chees" and self.delayed_rejection is None:
+                metropolis.adaptation.target_accept = CHEES_TARGET_ACCEPT
         if rule == "fixed":
             return HMCTuning(metropolis, None, self.num_leapfrog_steps or DEFAULT_LEAPFROG_STEPS, None)
         if warmup == 0:
             raise ValueError(f"trajectory={rule!r} adapts the trajectory length during warmup: pass warmup > 0, "
                              "or trajectory='fixed' with num_leapfrog_steps")
-        if rule == "chees":
-            initial = (self.num_leapfrog_steps or DEFAULT_LEAPFROG_STEPS) * mean_step_size(metropolis.step_size)
-            adapter = ChEESAdaptation(initial, max_leapfrog_steps=self.max_leapfrog_steps)
-            return HMCTuning(metropolis, adapter, None, None)
         windows = metropolis.adaptation.windows if metropolis.adaptation is not None else []
         collect_from = windows[-1][1] if windows else warmup // 2
+        if rule == "chees":
+            initial = (self.num_leapfrog_steps or DEFAULT_LEAPFROG_STEPS) * mean_step_size(metropolis.step_size)
+            adapter = ChEESAdaptation(initial, max_leapfrog_steps=self.max_leapfrog_steps,
+                                      jitter=self.trajectory_jitter)
+            if self.length_floor:
+                adapter.floor = QuarterTurn(collect_from, warmup, max_leapfrog_steps=self.max_leapfrog_steps)
+            return HMCTuning(metropolis, adapter, None, None)
         return HMCTuning(metropolis, QuarterTurn(collect_from, warmup, max_leapfrog_steps=self.max_leapfrog_steps),
                          self.num_leapfrog_steps or PILOT_LEAPFROG_STEPS, None)
 
@@ -283,7 +417,8 @@ class HMC(MetropolisSampler):
         if isinstance(tuning.trajectory, ChEESAdaptation):
             return tuning.trajectory.num_steps(index, mean_step)
         if tuning.length_over_step is not None:
-            return steps_for(jitter_factor(index) * tuning.length_over_step, 1.0, self.max_leapfrog_steps)
+            return steps_for(jitter_factor(index, self.trajectory_jitter) * tuning.length_over_step, 1.0,
+                             self.max_leapfrog_steps)
         return tuning.num_leapfrog_steps
 
     def _init(self, y0: Tensor, energy_fn: EnergyFn, transforms: Sequence[Transform], create_graph: bool) -> HMCState:
@@ -306,12 +441,15 @@ class HMC(MetropolisSampler):
             transforms=transforms,
             max_energy_error=self.max_energy_error,
             step_size_jitter=self.step_size_jitter,
+            delayed_rejection=self._second_stage,
         )
         if adapting:
             tuning.trajectory.update(ctx.index, state.y, proposal.y, velocity(proposal.momentum, tuning.inverse_mass),
                                      info.acceptance_prob, chain_mean(proposal.step_size, state.y), mean_step,
                                      tuning.inverse_mass)
         steps = torch.full_like(info.acceptance_prob, float(num_steps))
+        if proposal.extra_gradients is not None:
+            steps = steps + proposal.extra_gradients
         return new_state, HMCInfo(*info, steps)
 
     def _adapt(self, tuning: HMCTuning, step_index: int, warmup: int, state, info: HMCInfo) -> HMCTuning:
@@ -323,15 +461,21 @@ class HMC(MetropolisSampler):
             return tuning._replace(metropolis=metropolis)
         if isinstance(trajectory, QuarterTurn):
             trajectory.update(step_index, state.y, metropolis.inverse_mass)
-        elif window_closed:
-            trajectory.restart()
+        else:
+            if trajectory.floor is not None:
+                trajectory.floor.update(step_index, state.y, metropolis.inverse_mass)
+            if window_closed:
+                trajectory.restart()
         if step_index < warmup - 1:
             return tuning._replace(metropolis=metropolis)
         # End of warmup: freeze the trajectory length with the final step size.
         final_step = mean_step_size(metropolis.step_size)
         if isinstance(trajectory, QuarterTurn):
             return HMCTuning(metropolis, None, trajectory.num_steps(final_step), None)
-        return HMCTuning(metropolis, None, None, trajectory.final_length() / final_step)
+        length = trajectory.final_length()
+        if trajectory.floor is not None:  # at least a quarter turn of the slowest whitened direction
+            length = max(length, trajectory.floor.length())
+        return HMCTuning(metropolis, None, None, length / final_step)
 
     def _adapted(self, tuning: HMCTuning, y0: Tensor) -> dict[str, Tensor]:
         adapted = super()._adapted(tuning.metropolis, y0)
