@@ -14,7 +14,8 @@ Contenders, each adapting on its own as a user would run it (clocks cover warmup
 - energyflow ``HMC`` with the library's defaults for one target (``pooled_mass=True, shared_step_size=True``):
   ChEES trajectory adaptation (``trajectory="auto"``); the same with ``trajectory="quarter_turn"``; the same
   ChEES run with a dense mass matrix where the library has one (``mass="dense"``); on the funnel also ChEES with
-  delayed rejection (``delayed_rejection=4``, the shorter second stage, at most 100 leapfrog steps); the batched ``NUTS`` (256
+  delayed rejection (``delayed_rejection=(8, 40)``, at most 100 leapfrog steps), eagerly and with
+  ``samplers.compile_energy`` (compile time included); the batched ``NUTS`` (256
   chains: its lockstep trees cost the deepest tree of all chains per transition);
   ``MEADS``; ``MALA``;
 - pyro's NUTS (``pyro.infer.MCMC``, one chain, what most pyro users pick), always;
@@ -58,7 +59,7 @@ from samplers.zoo import Funnel, Gaussian, Target  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 NUTS_CHAINS = 256
-DELAYED_REJECTION = 4.0  # the funnel's DR-HMC row: second-stage step size eps / 4
+DELAYED_REJECTION = (8.0, 40.0)  # the funnel's DR-HMC rows: second-stage step size eps / a, a log-uniform in it
 
 
 class LogisticRegression(Target):
@@ -171,7 +172,8 @@ def run_energyflow(name: str, make: Callable[[], torch.nn.Module], target: Targe
     y0 = target.initial_state(num_chains, generator)
     sampler = make()
     start = time.perf_counter()
-    trajectory = sampler.run(target, y0, num_steps=num_steps, warmup=warmup, generator=generator)
+    energy = samplers.compile_energy(target) if "compiled energy" in name else target
+    trajectory = sampler.run(energy, y0, num_steps=num_steps, warmup=warmup, generator=generator)
     seconds = time.perf_counter() - start
     adapted = {k: float(v.float().mean()) for k, v in trajectory.adapted.items() if v.numel() == 1 or k == "step_size"}
     divergent = trajectory.info["divergent"].sum() + (trajectory.warmup_info["divergent"].sum()
@@ -278,11 +280,16 @@ def energyflow_contenders(target: Target) -> dict[str, Callable[[], torch.nn.Mod
     if funnel and "delayed_rejection" in HMC.__init__.__code__.co_varnames:
         # Delayed rejection is for multiscale targets (a funnel's neck): on the others it only adds the second
         # stage's cost to every rejection.
-        # The shorter second stage (L steps of eps / 4) and a cap of 100 leapfrog steps: on the funnel ChEES's T
-        # otherwise runs to the cap of 1000 steps (measured: T 26.7 at eps 0.038, 740 evaluations a transition).
-        contenders["HMC (ChEES, delayed rejection)"] = lambda: HMC(
-            delayed_rejection=DELAYED_REJECTION, delayed_rejection_same_length=False, max_leapfrog_steps=100,
-            **one_target)
+        # Each rejected chain's factor drawn from DELAYED_REJECTION (its second stage L steps), and a cap of 100
+        # leapfrog steps: on the funnel ChEES's T otherwise runs to the cap of 1000 steps (measured: T 26.7 at
+        # eps 0.038, 740 evaluations a transition). The same with the energy compiled (samplers.compile_energy;
+        # its one-off compile is inside the clock).
+        def delayed_rejection():
+            return HMC(delayed_rejection=DELAYED_REJECTION, max_leapfrog_steps=100, **one_target)
+
+        contenders["HMC (ChEES, delayed rejection)"] = delayed_rejection
+        if hasattr(samplers, "compile_energy"):
+            contenders["HMC (ChEES, delayed rejection, compiled energy)"] = delayed_rejection
     if hasattr(samplers, "MEADS"):
         contenders["MEADS"] = lambda: samplers.MEADS()
     contenders["MALA"] = lambda: MALA(0.1, **one_target, **({"target_accept": 0.8} if funnel else {}))

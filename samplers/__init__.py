@@ -9,7 +9,7 @@ from samplers.ais import AISResult, annealed_importance_sampling, geometric_sche
 from samplers.base import SamplerWarning
 from samplers.buffer import BufferDraw, ChainBuffer
 from samplers.diagnostics import bulk_ess, effective_sample_size, rank_rhat, split_rhat, summary_table, tail_ess
-from samplers.energy import EnergyAndGrad, energy_and_grad, log_density, vectorize
+from samplers.energy import CompiledEnergy, EnergyAndGrad, compile_energy, energy_and_grad, log_density, vectorize
 from samplers.gradient_descent import GradientDescent
 from samplers.hmc import HMC
 from samplers.langevin import Langevin
@@ -62,7 +62,7 @@ __all__ = [
     "effective_sample_size",
     "energy_and_grad",
     "log_density",
-    "split_rhat", "rank_rhat", "bulk_ess", "tail_ess", "vectorize", "AISResult",
+    "split_rhat", "rank_rhat", "bulk_ess", "tail_ess", "vectorize", "compile_energy", "CompiledEnergy", "AISResult",
     "annealed_importance_sampling", "geometric_schedule", "SGLD", "MinibatchEnergy",
     "SGHMC", "ChainBuffer", "BufferDraw",
     "summary_table",

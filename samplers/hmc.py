@@ -130,13 +130,28 @@ def transition(
 
 class DelayedRejection(NamedTuple):
     """The second stage of delayed-rejection HMC: its step size is the first stage's over ``factor``, its
-    leapfrog count ``ceil(factor * L)`` (the same trajectory length) or L (``same_length=False``)."""
+    leapfrog count ``ceil(factor * L)`` (the same trajectory length) or L (``same_length=False``). With
+    ``max_factor`` each rejected chain draws its own factor log-uniformly in [factor, max_factor] every
+    transition (independently of the state, so each chain's kernel is a mixture of reversible ones), and the
+    count is L."""
 
     factor: float
     same_length: bool = True
+    max_factor: Optional[float] = None
 
     def num_steps(self, num_leapfrog_steps: int) -> int:
-        return math.ceil(self.factor * num_leapfrog_steps) if self.same_length else num_leapfrog_steps
+        if self.same_length and self.max_factor is None:
+            return math.ceil(self.factor * num_leapfrog_steps)
+        return num_leapfrog_steps
+
+    def factors(self, like: Tensor, generator: Optional[torch.Generator]) -> Union[float, Tensor]:
+        """The factor, or [n, 1, ...] per-chain factors shaped to broadcast against ``like`` [n, *event]."""
+        if self.max_factor is None:
+            return self.factor
+        uniform = torch.rand((like.shape[0],) + (1,) * (like.dim() - 1), generator=generator, device=like.device,
+                             dtype=like.dtype)
+        low, high = math.log(self.factor), math.log(self.max_factor)
+        return torch.exp(low + (high - low) * uniform)
 
 
 def _rows(x: Optional[Tensor], index: Tensor, num_chains: int):
@@ -177,7 +192,7 @@ def _delayed_rejection(
     p0, kinetic0 = momentum.index_select(0, index), initial_kinetic[index]
     first_step = _rows(step_size, index, num_chains)
     mass = _rows(inverse_mass, index, num_chains)
-    second_step = first_step / stage.factor
+    second_step = first_step / stage.factors(y, generator)
     y2, p2, evaluated2 = leapfrog(y, p0, grad, energy_fn, step_size=second_step,
                                   num_steps=stage.num_steps(num_leapfrog_steps), inverse_mass=mass,
                                   transforms=transforms)
@@ -208,6 +223,24 @@ def _delayed_rejection(
     extra = torch.zeros_like(info.acceptance_prob).index_put(
         (index,), torch.full_like(energy0, float(stage.num_steps(num_leapfrog_steps) + num_leapfrog_steps)))
     return merged, info._replace(accepted=accepted, divergent=divergent), extra
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _second_stage(delayed_rejection, same_length: bool) -> Optional[DelayedRejection]:
+    """HMC's ``delayed_rejection``: None, a factor a > 1, or a range (low, high) with 1 < low < high."""
+    if delayed_rejection is None:
+        return None
+    if _is_number(delayed_rejection) and delayed_rejection > 1.0:
+        return DelayedRejection(float(delayed_rejection), same_length)
+    if (isinstance(delayed_rejection, (tuple, list)) and len(delayed_rejection) == 2
+            and all(_is_number(x) for x in delayed_rejection) and 1.0 < delayed_rejection[0] < delayed_rejection[1]):
+        return DelayedRejection(float(delayed_rejection[0]), False, float(delayed_rejection[1]))
+    raise ValueError(f"delayed_rejection is the second stage's step-size reduction factor, a number > 1 (e.g. 4), "
+                     f"or a range (low, high) with 1 < low < high to draw it from log-uniformly, got "
+                     f"{delayed_rejection!r}")
 
 
 TRAJECTORIES = ("auto", "fixed", "chees", "quarter_turn")
@@ -325,7 +358,7 @@ class HMC(MetropolisSampler):
         step_size_statistic: str = "auto",
         mass: str = "diagonal",
         mass_rank: Optional[int] = None,
-        delayed_rejection: Optional[float] = None,
+        delayed_rejection: Union[None, float, tuple[float, float]] = None,
         delayed_rejection_same_length: bool = True,
         length_floor: bool = False,
         trajectory_jitter: float = DEFAULT_CHEES_JITTER,
@@ -355,12 +388,8 @@ class HMC(MetropolisSampler):
         if step_size_statistic not in ("auto", "arithmetic", "harmonic"):
             raise ValueError(f"step_size_statistic must be 'auto', 'arithmetic' or 'harmonic', got "
                              f"{step_size_statistic!r}")
-        if delayed_rejection is not None and (isinstance(delayed_rejection, bool)
-                                              or not isinstance(delayed_rejection, (int, float))
-                                              or not delayed_rejection > 1.0):
-            raise ValueError(f"delayed_rejection is the second stage's step-size reduction factor, a number > 1 "
-                             f"(e.g. 4), got {delayed_rejection!r}")
         self.delayed_rejection = delayed_rejection
+        self._second_stage = _second_stage(delayed_rejection, delayed_rejection_same_length)
         self._target_accept_given = target_accept
         self.length_floor = length_floor
         if isinstance(trajectory_jitter, bool) or not isinstance(trajectory_jitter, (int, float)) \
@@ -368,8 +397,6 @@ class HMC(MetropolisSampler):
             raise ValueError(f"trajectory_jitter must be in (0, 1] (ChEES lengths u T with u in (1 - jitter, 1]), "
                              f"got {trajectory_jitter!r}")
         self.trajectory_jitter = float(trajectory_jitter)
-        self._second_stage = (None if delayed_rejection is None
-                              else DelayedRejection(float(delayed_rejection), delayed_rejection_same_length))
         self.step_size_statistic = step_size_statistic
         self.trajectory, self.max_leapfrog_steps = trajectory, max_leapfrog_steps
         self._step_size_jitter = step_size_jitter
