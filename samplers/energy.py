@@ -144,7 +144,10 @@ def vectorize(energy_fn: Callable[[Tensor], Tensor]) -> EnergyFn:
     return lifted
 
 
-def _energy_and_grad_functional(energy_fn: EnergyFn, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def functional_energy_and_grad(energy_fn: EnergyFn, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(energy [C], per-position energies, grad) by ``torch.func.grad`` of the summed energy: the form
+    ``torch.compile`` traces (here and in ``energyflow.inference.compiled``)."""
+
     def total(y: Tensor):
         per_position = energy_fn(y)
         energy = per_position if per_position.dim() == 1 else per_position.sum(dim=1)
@@ -191,7 +194,7 @@ class CompiledEnergy:
                 warnings.simplefilter("ignore", FutureWarning)
                 if self._compiled is None:
                     energy_fn = self.energy_fn
-                    self._compiled = torch.compile(lambda y: _energy_and_grad_functional(energy_fn, y), dynamic=True)
+                    self._compiled = torch.compile(lambda y: functional_energy_and_grad(energy_fn, y), dynamic=True)
                 with torch.no_grad():
                     energy, per_position, grad = self._compiled(y.detach())
         except Exception as error:  # noqa: BLE001 - any compile failure: eager from now on, said once

@@ -18,20 +18,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from samplers.energy import EnergyAndGrad, EnergyFn, energy_and_grad
+from samplers.energy import EnergyAndGrad, EnergyFn, energy_and_grad, functional_energy_and_grad
 
 _compiled: Optional[object] = None
 _disabled: Optional[str] = None  # why compilation was given up, once it was
-
-
-def _energy_and_grad(energy_fn: EnergyFn, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    def total(y: Tensor):
-        per_position = energy_fn(y)
-        energy = per_position if per_position.dim() == 1 else per_position.sum(dim=1)
-        return energy.sum(), (energy, per_position)
-
-    grad, (energy, per_position) = torch.func.grad(total, has_aux=True)(y)
-    return energy, per_position, grad
 
 
 def compiled_energy_and_grad(energy_fn: EnergyFn, y: Tensor, *, validate: bool = False) -> EnergyAndGrad:
@@ -45,7 +35,7 @@ def compiled_energy_and_grad(energy_fn: EnergyFn, y: Tensor, *, validate: bool =
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", FutureWarning)
             if _compiled is None:
-                _compiled = torch.compile(_energy_and_grad, dynamic=None)
+                _compiled = torch.compile(functional_energy_and_grad, dynamic=None)
             with torch.no_grad():
                 energy, per_position, grad = _compiled(energy_fn, y.detach())
     except Exception as error:  # noqa: BLE001 - any compile failure: eager from now on, said once
