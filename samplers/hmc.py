@@ -178,11 +178,12 @@ def _delayed_rejection(
     min(1, pi(z2) (1 - a1(z2)) / (pi(z) (1 - a1(z)))), where a1(z) is the first stage's acceptance and
     a1(z2) the acceptance the first stage would have had from z2 (its "ghost" trajectory: L steps at the
     first stage's step size from z2 with the momentum flipped). Detailed balance holds because both stages
-    are involutions and that ratio is symmetric in (z, z2). Only the rejected chains are evaluated (one
-    host sync per transition for their index), so the energy must treat chains independently.
+    are involutions and that ratio is symmetric in (z, z2). Only the rejected chains are evaluated, and the
+    ghost only for those whose uniform is below the ratio's bound without it (two host reads per transition
+    for the indices), so the energy must treat chains independently.
     Returns the merged state and info: ``accepted`` either stage, ``acceptance_prob`` / ``energy_error``
     the first stage's (what the step size adapts to), ``divergent`` the last trajectory each chain ran;
-    and the extra energy+gradient evaluations per chain [C] (second stage and ghost, 0 where not run).
+    and the extra energy+gradient evaluations per chain [C] (second stage and ghost where run, else 0).
     """
     num_chains = state.y.shape[0]
     index = (~info.accepted).nonzero().squeeze(1)
@@ -198,20 +199,30 @@ def _delayed_rejection(
                                   transforms=transforms)
     hamiltonian2 = evaluated2.energy + kinetic_energy(p2, mass)
     error2 = hamiltonian2 - (energy0 + kinetic0)
-    # The ghost: the first stage's map from z2 = (y2, -p2).
-    y_ghost, p_ghost, evaluated_ghost = leapfrog(y2, -p2, evaluated2.grad, energy_fn, step_size=first_step,
-                                                 num_steps=num_leapfrog_steps, inverse_mass=mass,
-                                                 transforms=transforms)
-    ghost_error = (evaluated_ghost.energy + kinetic_energy(p_ghost, mass)) - hamiltonian2
-    ghost_error = torch.where(finite_chains(ghost_error, evaluated_ghost.grad if transforms else None)
-                              & (ghost_error <= max_energy_error), ghost_error,
-                              torch.full_like(ghost_error, float("inf")))  # divergent: a1(z2) = 0
     first_error = info.energy_error[index]  # +inf where the first stage diverged
     divergent2 = ~finite_chains(error2, evaluated2.grad if transforms else None) | (error2 > max_energy_error)
-    log_ratio = -error2 + _log_one_minus_acceptance(ghost_error) - _log_one_minus_acceptance(first_error)
-    log_ratio = torch.where(divergent2, torch.full_like(log_ratio, float("-inf")), log_ratio)
-    uniform = torch.rand(log_ratio.shape, generator=generator, device=log_ratio.device, dtype=log_ratio.dtype)
-    accepted2 = uniform < torch.exp(log_ratio.clamp(max=0.0))
+    # log of the ratio without the ghost's factor (1 - a1(z2)) <= 1: an upper bound. A chain whose uniform is
+    # already above it is rejected whatever the ghost says, so only the others run the ghost.
+    bound = -error2 - _log_one_minus_acceptance(first_error)
+    bound = torch.where(divergent2, torch.full_like(bound, float("-inf")), bound)
+    uniform = torch.rand(bound.shape, generator=generator, device=bound.device, dtype=bound.dtype)
+    candidates = uniform < torch.exp(bound.clamp(max=0.0))
+    ghost = candidates.nonzero().squeeze(1)  # one more host read
+    accepted2 = torch.zeros_like(candidates)
+    if ghost.numel() > 0:
+        # The ghost: the first stage's map from z2 = (y2, -p2), for the candidates.
+        y2g, p2g, grad2g = y2.index_select(0, ghost), p2.index_select(0, ghost), evaluated2.grad.index_select(0, ghost)
+        mass_g = _rows(mass, ghost, index.numel())
+        y_ghost, p_ghost, evaluated_ghost = leapfrog(y2g, -p2g, grad2g, energy_fn,
+                                                     step_size=_rows(first_step, ghost, index.numel()),
+                                                     num_steps=num_leapfrog_steps, inverse_mass=mass_g,
+                                                     transforms=transforms)
+        ghost_error = (evaluated_ghost.energy + kinetic_energy(p_ghost, mass_g)) - hamiltonian2[ghost]
+        ghost_error = torch.where(finite_chains(ghost_error, evaluated_ghost.grad if transforms else None)
+                                  & (ghost_error <= max_energy_error), ghost_error,
+                                  torch.full_like(ghost_error, float("inf")))  # divergent: a1(z2) = 0
+        log_ratio = bound[ghost] + _log_one_minus_acceptance(ghost_error)
+        accepted2 = accepted2.index_put((ghost,), uniform[ghost] < torch.exp(log_ratio.clamp(max=0.0)))
     accepted = info.accepted.index_put((index,), accepted2)
     divergent = info.divergent.index_put((index,), divergent2)
     moved = per_chain(accepted2, y)
@@ -220,8 +231,10 @@ def _delayed_rejection(
         new_state.energy.index_put((index,), torch.where(accepted2, evaluated2.energy, energy0)),
         new_state.grad.index_put((index,), torch.where(moved, evaluated2.grad, grad)),
     )
-    extra = torch.zeros_like(info.acceptance_prob).index_put(
-        (index,), torch.full_like(energy0, float(stage.num_steps(num_leapfrog_steps) + num_leapfrog_steps)))
+    counts = torch.full_like(energy0, float(stage.num_steps(num_leapfrog_steps)))
+    if ghost.numel() > 0:
+        counts = counts.index_add(0, ghost, torch.full_like(ghost, num_leapfrog_steps, dtype=counts.dtype))
+    extra = torch.zeros_like(info.acceptance_prob).index_put((index,), counts)
     return merged, info._replace(accepted=accepted, divergent=divergent), extra
 
 
@@ -324,9 +337,10 @@ class HMC(MetropolisSampler):
     state and momentum with the step size over ``a`` (and ``ceil(a L)`` steps, the same trajectory length,
     or L with ``delayed_rejection_same_length=False``), accepted by the delayed-rejection ratio that keeps
     detailed balance (Modi, Barnett & Carpenter 2023; see ``_delayed_rejection``): exact on multiscale
-    targets such as a funnel, whose neck no single step size fits. Its second stage costs ``ceil(a L) + L``
-    evaluations for the rejected chains only (counted per chain in ``info["num_leapfrog_steps"]``), evaluated
-    on that subset of chains, so the energy must treat chains independently (one target for all chains). With
+    targets such as a funnel, whose neck no single step size fits. Its second stage costs ``ceil(a L)``
+    evaluations for the rejected chains only, plus L for its ghost where the second proposal can still be
+    accepted (counted per chain in ``info["num_leapfrog_steps"]``), evaluated on those subsets of chains, so
+    the energy must treat chains independently (one target for all chains). With
     it the shared step size follows the arithmetic mean of the first stage's acceptance (``"auto"``), since
     the second stage, not a smaller step for everyone, serves the chains that cannot move.
 

@@ -17,7 +17,7 @@ FUNNEL = Funnel(dim=3, scale=1.5)
 
 
 def run_funnel(delayed_rejection, generator):
-    y0 = FUNNEL.initial_state(2048, generator)
+    y0 = FUNNEL.initial_state(1536, generator)
     sampler = HMC(0.9, 5, adapt_step_size=False, adapt_mass=False, delayed_rejection=delayed_rejection)
     return sampler.run(FUNNEL, y0, num_steps=300, warmup=0, generator=generator)
 
@@ -43,9 +43,10 @@ def test_gaussian_moments_and_gradient_count(generator):
     z_mean, z_variance = moment_z_scores(trajectory.states[30:], target.mean, target.variance)
     threshold = bonferroni_threshold(2 * target.dim)
     assert z_mean.max() < threshold and z_variance.max() < threshold, (z_mean, z_variance)
-    # 6 leapfrog steps, plus 18 (second stage, same trajectory length) + 6 (its ghost) where the first rejected.
+    # 6 leapfrog steps, plus 18 (second stage, same trajectory length) where the first rejected, plus 6 (its
+    # ghost) where the second could still be accepted.
     steps = trajectory.info["num_leapfrog_steps"]
-    assert set(steps.unique().tolist()) == {6.0, 30.0}
+    assert set(steps.unique().tolist()) == {6.0, 24.0, 30.0}
     first_accepted = trajectory.info["acceptance_prob"] > 0.999999
     assert (steps[first_accepted] == 6.0).all()
     # the second stage rescues some of the first stage's rejections
@@ -58,7 +59,7 @@ def test_factor_drawn_per_chain_from_a_range_is_exact_too(generator):
     sampler = HMC(0.9, 5, adapt_step_size=False, adapt_mass=False, delayed_rejection=(2.0, 16.0))
     trajectory = sampler.run(FUNNEL, y0, num_steps=300, warmup=0, generator=generator)
     assert funnel_z_scores(trajectory).max() < bonferroni_threshold(FUNNEL.dim + 1)
-    assert set(trajectory.info["num_leapfrog_steps"].unique().tolist()) <= {5.0, 15.0}
+    assert set(trajectory.info["num_leapfrog_steps"].unique().tolist()) <= {5.0, 10.0, 15.0}
 
 
 def test_with_adaptation_the_step_size_follows_the_first_stage(generator):
