@@ -157,6 +157,28 @@ def functional_energy_and_grad(energy_fn: EnergyFn, y: Tensor) -> tuple[Tensor, 
     return energy, per_position, grad
 
 
+SEGMENT_STEPS = 8  # leapfrog steps per compiled call of ``CompiledEnergy.leapfrog`` (see there)
+
+
+def _leapfrog_step(energy_fn: EnergyFn, y: Tensor, momentum: Tensor, drift_scale: Tensor, step_size: Tensor,
+                   last_kick: Tensor):
+    """One drift-evaluate-kick step, its kick ``step_size * last_kick`` (``CompiledEnergy.leapfrog`` compiles it)."""
+    y = torch.addcmul(y, drift_scale, momentum)
+    energy, per_position, grad = functional_energy_and_grad(energy_fn, y)
+    return y, torch.addcmul(momentum, step_size * last_kick, grad, value=-1.0), energy, per_position, grad
+
+
+def _leapfrog_segment(energy_fn: EnergyFn, y: Tensor, momentum: Tensor, drift_scale: Tensor, step_size: Tensor,
+                      last_kick: Tensor):
+    """``SEGMENT_STEPS`` steps, full kicks but the last (``step_size * last_kick``): its own code object, so that
+    ``torch.compile`` caches it apart from the single step."""
+    for _ in range(SEGMENT_STEPS - 1):
+        y = torch.addcmul(y, drift_scale, momentum)
+        grad = functional_energy_and_grad(energy_fn, y)[2]
+        momentum = torch.addcmul(momentum, step_size, grad, value=-1.0)
+    return _leapfrog_step(energy_fn, y, momentum, drift_scale, step_size, last_kick)
+
+
 class CompiledEnergy:
     """``compile_energy(energy_fn)``: the same energy, whose energy-and-gradient every sampler evaluates through
     ``torch.compile`` (``torch.func.grad`` of the summed energy, forward and backward fused into one compiled
@@ -165,7 +187,10 @@ class CompiledEnergy:
     What it buys is the per-call overhead of eager autograd, which dominates cheap energies: Neal's 10-d funnel
     at 1024 chains, one thread, 614 us eager against 181 us compiled per energy+gradient (after a one-off
     compile of ~8 s). Only first-order, graph-free evaluations are compiled (the Metropolis samplers, NUTS,
-    MEADS); the differentiable mode (``create_graph``, second order) and the initial validation stay eager,
+    MEADS), and the leapfrog of HMC, MEADS and NUTS without force transforms runs whole segments of
+    ``SEGMENT_STEPS`` steps per compiled call (``leapfrog``: measured on the funnel's DR-HMC at 1024 chains, 0.14
+    -> 0.06 us per chain-gradient against compiling the energy alone); the differentiable mode
+    (``create_graph``, second order) and the initial validation stay eager,
     since ``torch.compile`` has no double backward. If compilation fails (no C++ compiler, an operation
     inductor cannot trace) it warns once and this energy runs eagerly from then on. Calling it evaluates the
     energy eagerly, exactly as ``energy_fn``. Results equal eager autograd to float32 rounding
@@ -179,6 +204,7 @@ class CompiledEnergy:
             raise TypeError(f"compile_energy needs a callable energy_fn(y) -> [C], got {type(energy_fn).__name__}")
         self.energy_fn = energy_fn
         self._compiled = None
+        self._segments: dict[int, Callable] = {}  # the compiled leapfrog segment and single step
         self.disabled: Optional[str] = None  # why compilation was given up, once it was
 
     def __call__(self, y: Tensor) -> Tensor:
@@ -198,12 +224,51 @@ class CompiledEnergy:
                 with torch.no_grad():
                     energy, per_position, grad = self._compiled(y.detach())
         except Exception as error:  # noqa: BLE001 - any compile failure: eager from now on, said once
-            first_line = str(error).splitlines()[0] if str(error) else ""
-            self.disabled = f"{type(error).__name__}: {first_line}"
-            warnings.warn(f"compile_energy: torch.compile is unavailable for this energy ({self.disabled}); it runs "
-                          "eagerly", RuntimeWarning, stacklevel=3)
+            self._give_up(error)
             return None
         return EnergyAndGrad(energy, per_position, grad)
+
+    def leapfrog(self, y: Tensor, momentum: Tensor, drift_scale: Tensor, step_size: Tensor, num_steps: int
+                 ) -> Optional[tuple[Tensor, Tensor, EnergyAndGrad]]:
+        """The leapfrog's ``num_steps`` drift-evaluate-kick steps after its first half kick (``momentum`` has had
+        it), the last kick a half one, in compiled segments of ``SEGMENT_STEPS`` steps (then single steps): each
+        segment is one compiled call, so a trajectory pays the per-call overhead of ``torch.compile`` (tens of
+        microseconds, most of a cheap energy's cost) once per segment rather than once per step. The arithmetic
+        is the eager leapfrog's, step by step (``samplers.integrators.leapfrog``). ``drift_scale`` and
+        ``step_size`` are broadcast to the state's shape first, so that only the number of chains varies between
+        calls (one dynamic-shape program per segment length). Returns (y, momentum, energy and gradient at the
+        final y), or None once compilation has failed (the caller runs eagerly)."""
+        if self.disabled is not None:
+            return None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                warnings.simplefilter("ignore", FutureWarning)
+                with torch.no_grad():
+                    if not self._segments:
+                        self._segments = {SEGMENT_STEPS: torch.compile(_leapfrog_segment, dynamic=True),
+                                          1: torch.compile(_leapfrog_step, dynamic=True)}
+                    y, momentum = y.detach(), momentum.detach()
+                    drift_scale, step_size = (torch.as_tensor(x, dtype=y.dtype, device=y.device).expand(y.shape)
+                                              .contiguous() for x in (drift_scale, step_size))
+                    full, half = (torch.tensor(kick, dtype=y.dtype, device=y.device) for kick in (1.0, 0.5))
+                    remaining = num_steps
+                    while remaining > 0:
+                        steps = SEGMENT_STEPS if remaining >= SEGMENT_STEPS else 1
+                        remaining -= steps
+                        # the closing half kick ends the trajectory
+                        y, momentum, energy, per_position, grad = self._segments[steps](
+                            self.energy_fn, y, momentum, drift_scale, step_size, half if remaining == 0 else full)
+        except Exception as error:  # noqa: BLE001 - as in energy_and_grad
+            self._give_up(error)
+            return None
+        return y, momentum, EnergyAndGrad(energy, per_position, grad)
+
+    def _give_up(self, error: Exception) -> None:
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        self.disabled = f"{type(error).__name__}: {first_line}"
+        warnings.warn(f"compile_energy: torch.compile is unavailable for this energy ({self.disabled}); it runs "
+                      "eagerly", RuntimeWarning, stacklevel=4)
 
     def __repr__(self) -> str:
         return f"compile_energy({self.energy_fn!r})"

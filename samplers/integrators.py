@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from samplers.energy import EnergyAndGrad, EnergyFn, energy_and_grad
+from samplers.energy import CompiledEnergy, EnergyAndGrad, EnergyFn, energy_and_grad
 from samplers.mass import InverseMass, MassMatrix
 from samplers.transforms import Transform, apply_grad
 
@@ -73,6 +73,11 @@ def leapfrog(
     # addcmul fuses each "x + a * b" into one pass over the [C, *event] tensors; the first update of each
     # makes the copy that the later in-place updates own.
     momentum = torch.addcmul(momentum, half_step, apply_grad(transforms, grad, step_size), value=-1.0)
+    if isinstance(energy_fn, CompiledEnergy) and not transforms and num_steps > 0:
+        # The whole trajectory in compiled segments (the same steps; transforms and graphs stay eager).
+        compiled = energy_fn.leapfrog(y, momentum, drift_scale, step_size, num_steps)
+        if compiled is not None:
+            return compiled
     evaluated = None
     for index in range(num_steps):
         y = torch.addcmul(y, drift_scale, momentum) if index == 0 else y.addcmul_(drift_scale, momentum)

@@ -8,7 +8,8 @@ import torch
 
 import samplers
 from samplers import HMC
-from samplers.energy import CompiledEnergy, energy_and_grad
+from samplers.energy import SEGMENT_STEPS, CompiledEnergy, energy_and_grad
+from samplers.integrators import leapfrog
 from samplers.zoo import Funnel
 
 FUNNEL = Funnel(dim=5, scale=2.0)
@@ -37,6 +38,23 @@ def test_hmc_with_a_compiled_energy_follows_the_eager_chains(compiled):
     # Same randomness, the same arithmetic up to rounding: a few transitions stay together.
     torch.testing.assert_close(runs[0].states, runs[1].states, rtol=1e-4, atol=1e-4)
     assert torch.equal(runs[0].info["accepted"], runs[1].info["accepted"])
+
+
+@pytest.mark.parametrize("num_steps", [1, SEGMENT_STEPS, SEGMENT_STEPS + 3])
+def test_compiled_leapfrog_equals_the_eager_one(compiled, num_steps):
+    # Whole segments and single steps (the remainder), a per-chain step size and a diagonal mass: the trajectory
+    # is the eager leapfrog's to float32 rounding, and the inputs are left as they were.
+    generator = torch.Generator().manual_seed(5)
+    y = FUNNEL.initial_state(32, generator)
+    momentum, grad = torch.randn(y.shape, generator=generator), energy_and_grad(FUNNEL, y).grad
+    step_size, inverse_mass = 0.05 + 0.1 * torch.rand(32, 1, generator=generator), torch.rand(1, 5) + 0.5
+    y_before, momentum_before = y.clone(), momentum.clone()
+    runs = [leapfrog(y, momentum, grad, energy, step_size=step_size, num_steps=num_steps, inverse_mass=inverse_mass)
+            for energy in (compiled, FUNNEL)]
+    for fast, eager in zip(runs[0][:2] + runs[0][2][::2], runs[1][:2] + runs[1][2][::2]):  # y, p, energy, grad
+        torch.testing.assert_close(fast, eager, rtol=1e-5, atol=1e-5)
+    assert torch.equal(y, y_before) and torch.equal(momentum, momentum_before)
+    assert compiled.disabled is None, compiled.disabled
 
 
 def test_second_order_and_validation_stay_eager(compiled):
