@@ -6,7 +6,7 @@ cached context, EBT through the reference whole-sequence forward (no cache) -- a
 their steps interleaved round by round, so a change in machine load hits all alike; the median over rounds
 is reported, with the EBT ratios against both baselines (the faster one is the headline). Peak memory is measured per variant in a fresh subprocess (peak RSS growth over two steps).
 CUDA (``--device cuda``): the real trainer (bf16 autocast) on each task; the median time from one training
-step to the next, tokens/s and peak allocated memory.
+step to the next, tokens/s, MFU and peak allocated memory (``trainer_report``).
 
     python benchmarks/train_step.py                      # CPU, xxs, sequence 256, batch 8, vocabulary 256
     python benchmarks/train_step.py --device cuda --rounds 50
@@ -146,36 +146,44 @@ def cpu_report(args) -> dict:
     }
 
 
-def cuda_report(args) -> dict:
-    """The trainer itself (bf16 autocast) on CUDA: median step time, tokens/s, peak allocated memory.
+def trainer_report(args, device: torch.device) -> dict:
+    """The trainer itself (its default precision: bf16 autocast on CUDA) on ``device``: median step time, tokens/s,
+    the model FLOPs per step and MFU (``energyflow.flops``, against the device's peak) and peak memory (allocated
+    on CUDA, the resident set's growth on the CPU). What ``--device cuda`` reports; ``benchmarks/gpu_suite.py
+    --smoke`` runs it on the CPU.
 
     A step is timed from one ``task.loss`` call to the next (one micro-batch per step), so it includes
     everything the trainer does per step: forward, backward, clipping, AdamW, metrics and logging.
     """
+    from energyflow.flops import device_peak
     from energyflow.trainer import Trainer
 
     data = text_data(seq_len=args.seq_len)
+    peak = device_peak(device)
     report = {}
     for variant in ("transformer_pp", "ebt_cached"):
         task, stamps = build_task(variant, args.size, args.seq_len), []
         loss = task.loss
 
         def timed_loss(*loss_args, _loss=loss, _stamps=stamps, **loss_kwargs):
-            torch.cuda.synchronize()
+            bench.synchronize(device)
             _stamps.append(time.perf_counter())
             return _loss(*loss_args, **loss_kwargs)
 
         task.loss = timed_loss
         trainer = Trainer(num_steps=args.warmup + args.rounds + 1, batch_size=args.batch_size, learning_rate=1e-3,
-                          device="cuda", checkpoint_every=10**9, eval_batches=1, progress=False)
-        torch.cuda.reset_peak_memory_stats()
+                          device=device.type, checkpoint_every=10**9, eval_batches=1, progress=False)
         with tempfile.TemporaryDirectory() as out:
-            trainer.fit(task, data, out)
+            memory = bench.peak_memory(lambda: trainer.fit(task, data, out), device)
         seconds = statistics.median(b - a for a, b in zip(stamps[args.warmup:], stamps[args.warmup + 1:]))
-        report[variant] = {"step_seconds": seconds, "tokens_per_second": args.batch_size * args.seq_len / seconds,
-                           "peak_memory_bytes": torch.cuda.max_memory_allocated()}
+        tokens = args.batch_size * args.seq_len
+        model_flops = task.train_flops_per_token(args.seq_len) * tokens
+        report[variant] = {"step_seconds": seconds, "tokens_per_second": tokens / seconds,
+                           "model_flops_per_step": model_flops, "mfu": model_flops / seconds / peak if peak else None,
+                           "peak_memory_bytes": memory}
     report["ratio_ebt_cached_to_tpp"] = report["ebt_cached"]["step_seconds"] / report["transformer_pp"]["step_seconds"]
-    report["device_name"] = torch.cuda.get_device_name()
+    report["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    report["autocast"] = "bf16" if device.type == "cuda" else "off"
     return report
 
 
@@ -186,9 +194,10 @@ def markdown(result: dict) -> str:
             f"{settings['threads']} thread(s), torch {settings['torch']}, denormals "
             f"{'flushed to zero (as the Trainer runs)' if settings.get('flush_denormal') else 'kept'}.\n\n")
     if settings["device"] == "cuda":
-        rows = [f"| {v} | {r['step_seconds']:.4f} | {r['tokens_per_second']:.0f} | {r['peak_memory_bytes'] / 2**20:.0f} |"
+        rows = [f"| {v} | {r['step_seconds']:.4f} | {r['tokens_per_second']:.0f} | "
+                f"{'-' if r['mfu'] is None else format(r['mfu'], '.1%')} | {r['peak_memory_bytes'] / 2**20:.0f} |"
                 for v, r in result["report"].items() if isinstance(r, dict)]
-        return head + ("| variant | s/step | tokens/s | peak MiB |\n|---|---|---|---|\n" + "\n".join(rows) +
+        return head + ("| variant | s/step | tokens/s | MFU | peak MiB |\n|---|---|---|---|---|\n" + "\n".join(rows) +
                        f"\n\nEBT / Transformer++: {result['report']['ratio_ebt_cached_to_tpp']:.2f}x\n")
     report = result["report"]
     medians, baseline = report["median_step_seconds"], report["headline_baseline"]
@@ -229,7 +238,7 @@ def main() -> None:
         return peak_memory_child(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available; run on a GPU machine or use --device cpu")
-    report = cuda_report(args) if args.device == "cuda" else cpu_report(args)
+    report = trainer_report(args, torch.device("cuda")) if args.device == "cuda" else cpu_report(args)
     settings = {**{k: v for k, v in vars(args).items() if k not in ("memory_of", "keep_denormals", "out")},
                 "torch": torch.__version__}
     result = {"settings": settings, "report": report}

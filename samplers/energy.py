@@ -7,6 +7,7 @@ gradient.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Callable, NamedTuple, Optional
 
@@ -157,6 +158,15 @@ def functional_energy_and_grad(energy_fn: EnergyFn, y: Tensor) -> tuple[Tensor, 
     return energy, per_position, grad
 
 
+def compile_backend() -> str:
+    """The ``torch.compile`` backend of every compiled path here and in ``energyflow.inference.compiled``:
+    ``"inductor"`` (generated kernels) unless the environment variable ``ENERGYFLOW_COMPILE_BACKEND`` names another
+    of ``torch._dynamo.list_backends()`` -- e.g. ``"aot_eager"``, which traces the same graphs (dynamo, AOT autograd)
+    without generating code: seconds instead of a minute to compile, for checking that a path compiles (what
+    ``benchmarks/gpu_suite.py --smoke`` uses), not for speed. Read when a path first compiles."""
+    return os.environ.get("ENERGYFLOW_COMPILE_BACKEND", "inductor")
+
+
 SEGMENT_STEPS = 8  # leapfrog steps per compiled call of ``CompiledEnergy.leapfrog`` (see there)
 
 
@@ -220,7 +230,8 @@ class CompiledEnergy:
                 warnings.simplefilter("ignore", FutureWarning)
                 if self._compiled is None:
                     energy_fn = self.energy_fn
-                    self._compiled = torch.compile(lambda y: functional_energy_and_grad(energy_fn, y), dynamic=True)
+                    self._compiled = torch.compile(lambda y: functional_energy_and_grad(energy_fn, y), dynamic=True,
+                                                   backend=compile_backend())
                 with torch.no_grad():
                     energy, per_position, grad = self._compiled(y.detach())
         except Exception as error:  # noqa: BLE001 - any compile failure: eager from now on, said once
@@ -246,8 +257,9 @@ class CompiledEnergy:
                 warnings.simplefilter("ignore", FutureWarning)
                 with torch.no_grad():
                     if not self._segments:
-                        self._segments = {SEGMENT_STEPS: torch.compile(_leapfrog_segment, dynamic=True),
-                                          1: torch.compile(_leapfrog_step, dynamic=True)}
+                        backend = compile_backend()
+                        self._segments = {SEGMENT_STEPS: torch.compile(_leapfrog_segment, dynamic=True, backend=backend),
+                                          1: torch.compile(_leapfrog_step, dynamic=True, backend=backend)}
                     y, momentum = y.detach(), momentum.detach()
                     drift_scale, step_size = (torch.as_tensor(x, dtype=y.dtype, device=y.device).expand(y.shape)
                                               .contiguous() for x in (drift_scale, step_size))

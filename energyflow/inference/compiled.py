@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from samplers.energy import EnergyAndGrad, EnergyFn, energy_and_grad, functional_energy_and_grad
+from samplers.energy import EnergyAndGrad, EnergyFn, compile_backend, energy_and_grad, functional_energy_and_grad
 
 _compiled: Optional[object] = None
 _disabled: Optional[str] = None  # why compilation was given up, once it was
@@ -35,7 +35,7 @@ def compiled_energy_and_grad(energy_fn: EnergyFn, y: Tensor, *, validate: bool =
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", FutureWarning)
             if _compiled is None:
-                _compiled = torch.compile(functional_energy_and_grad, dynamic=None)
+                _compiled = torch.compile(functional_energy_and_grad, dynamic=None, backend=compile_backend())
             with torch.no_grad():
                 energy, per_position, grad = _compiled(energy_fn, y.detach())
     except Exception as error:  # noqa: BLE001 - any compile failure: eager from now on, said once
