@@ -87,3 +87,18 @@ def test_wrapping_is_idempotent_and_refuses_non_callables():
     assert isinstance(once, CompiledEnergy) and samplers.compile_energy(once).energy_fn is FUNNEL
     with pytest.raises(TypeError, match="compile_energy needs a callable"):
         samplers.compile_energy(3.0)
+
+
+def test_the_backend_comes_from_the_environment(monkeypatch):
+    # aot_eager traces the same graph without generating code (the GPU suite's smoke run); an unknown backend falls
+    # back to eager with the one warning, naming it.
+    y = FUNNEL.initial_state(8, torch.Generator().manual_seed(6))
+    eager = energy_and_grad(FUNNEL, y)
+    monkeypatch.setenv("ENERGYFLOW_COMPILE_BACKEND", "aot_eager")
+    assert samplers.energy.compile_backend() == "aot_eager"
+    traced = energy_and_grad(samplers.compile_energy(FUNNEL), y)
+    torch.testing.assert_close(traced.grad, eager.grad, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("ENERGYFLOW_COMPILE_BACKEND", "no_such_backend")
+    unknown = samplers.compile_energy(FUNNEL)
+    with pytest.warns(RuntimeWarning, match="compile_energy: torch.compile is unavailable.*no_such_backend"):
+        assert torch.equal(energy_and_grad(unknown, y).grad, eager.grad)
