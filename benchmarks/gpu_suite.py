@@ -350,6 +350,12 @@ def _mfu(value) -> str:
     return f"{100 * value:.1f}%" if value is not None else "-"
 
 
+def _table(title: str, columns: tuple, rows: list) -> list[str]:
+    """A titled markdown table, as lines (a blank line before the title and before the table)."""
+    return ["", title, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+            *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)]
+
+
 def markdown(result: dict) -> str:
     info = result["device"]
     lines = [f"# GPU suite on {info.get('name')} ({info['device']}, torch {info['torch']})", ""]
@@ -387,35 +393,30 @@ def markdown(result: dict) -> str:
                      f"{gen['transformer_pp_over_ebt']['ebt_compiled']:.1f}x)")
     matrix = checks.get("train_matrix", {})
     if matrix.get("rows"):
-        lines += ["", f"Training steps at batch {matrix['rows'][0]['batch']} (MFU against "
-                  f"{(matrix['peak_flops'] or 0) / 1e12:.1f} TFLOP/s):", "",
-                  "| model | size | seq | precision | s/step | tokens/s | MFU | peak MiB | EBT / T++ |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for row in matrix["rows"]:
-            ratio = f"{row['ebt_over_transformer_pp']:.2f}x" if "ebt_over_transformer_pp" in row else ""
-            lines.append(f"| {row['model']} | {row['size']} | {row['seq']} | {row['precision']} | "
-                         f"{row['step_seconds']:.4f} | {row['tokens_per_second']:.0f} | {_mfu(row['mfu'])} | "
-                         f"{_mib(row['peak_memory_bytes'])} | {ratio} |")
+        lines += _table(f"Training steps at batch {matrix['rows'][0]['batch']} (MFU against "
+                        f"{(matrix['peak_flops'] or 0) / 1e12:.1f} TFLOP/s):",
+                        ("model", "size", "seq", "precision", "s/step", "tokens/s", "MFU", "peak MiB", "EBT / T++"),
+                        [(r["model"], r["size"], r["seq"], r["precision"], f"{r['step_seconds']:.4f}",
+                          f"{r['tokens_per_second']:.0f}", _mfu(r["mfu"]), _mib(r["peak_memory_bytes"]),
+                          f"{r['ebt_over_transformer_pp']:.2f}x" if "ebt_over_transformer_pp" in r else "")
+                         for r in matrix["rows"]])
     largest = checks.get("largest_batch", {})
     if largest.get("rows"):
-        lines += ["", "Largest power-of-two batch per optimizer step (bf16 autocast):", "",
-                  "| model | size | seq | largest batch | stopped | s/step | tokens/s | MFU | peak MiB |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for row in largest["rows"]:
-            at = row["result"] or {}
-            lines.append(f"| {row['model']} | {row['size']} | {row['seq']} | {row['largest']} | {row['stopped']} | "
-                         f"{at.get('step_seconds', float('nan')):.4f} | {at.get('tokens_per_second', 0):.0f} | "
-                         f"{_mfu(at.get('mfu'))} | {_mib(at.get('peak_memory_bytes'))} |")
+        lines += _table("Largest power-of-two batch per optimizer step (bf16 autocast):",
+                        ("model", "size", "seq", "largest batch", "stopped", "s/step", "tokens/s", "MFU", "peak MiB"),
+                        [(r["model"], r["size"], r["seq"], r["largest"], r["stopped"],
+                          f"{(r['result'] or {}).get('step_seconds', float('nan')):.4f}",
+                          f"{(r['result'] or {}).get('tokens_per_second', 0):.0f}",
+                          _mfu((r["result"] or {}).get("mfu")), _mib((r["result"] or {}).get("peak_memory_bytes")))
+                         for r in largest["rows"]])
     sampler = checks.get("hmc", {})
     if sampler.get("rows"):
-        lines += ["", f"HMC (ChEES warmup), {sampler['chains']} chains, 100-d ill-conditioned Gaussian, "
-                  f"{sampler['warmup']} warmup + {sampler['draws']} draws:", "",
-                  "| energy | seconds | ESS/s | ESS/s (squares) | ESS (squares) per 1k grad | acceptance |",
-                  "|---|---|---|---|---|---|"]
-        for name, row in sampler["rows"].items():
-            lines.append(f"| {name} | {row['seconds']:.1f} | {row['ess_per_second']:.0f} | "
-                         f"{row['ess_squares_per_second']:.0f} | {row['ess_squares_per_1k_gradients']:.3f} | "
-                         f"{row['acceptance']:.2f} |")
+        lines += _table(f"HMC (ChEES warmup), {sampler['chains']} chains, 100-d ill-conditioned Gaussian, "
+                        f"{sampler['warmup']} warmup + {sampler['draws']} draws:",
+                        ("energy", "seconds", "ESS/s", "ESS/s (squares)", "ESS (squares) per 1k grad", "acceptance"),
+                        [(name, f"{r['seconds']:.1f}", f"{r['ess_per_second']:.0f}", f"{r['ess_squares_per_second']:.0f}",
+                          f"{r['ess_squares_per_1k_gradients']:.3f}", f"{r['acceptance']:.2f}")
+                         for name, r in sampler["rows"].items()])
     lines += ["", "Check wall seconds: " + ", ".join(f"{name} {value.get('wall_seconds', 0):.0f}"
                                                     for name, value in checks.items())]
     return "\n".join(lines) + "\n"
