@@ -424,12 +424,14 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default=None, help="default: cuda (the CPU with --smoke)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda (the CPU with --smoke)")
     parser.add_argument("--smoke", action="store_true", help="every check at toy sizes (on the CPU, under a minute)")
     parser.add_argument("--budget-seconds", type=float, default=420.0,
                         help="after this many seconds the largest-batch search stops where it is")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.budget_seconds <= 0:
+        parser.error(f"--budget-seconds must be positive, got {args.budget_seconds}")
     device = torch.device(args.device or ("cpu" if args.smoke else "cuda"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here; run on the GPU machine, or --smoke for the CPU smoke run")

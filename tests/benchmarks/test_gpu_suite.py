@@ -57,6 +57,11 @@ def test_the_suite_refuses_a_missing_gpu(load_script, tmp_path):
         pytest.skip("a CUDA device is here")
     with pytest.raises(SystemExit, match="no CUDA device here"):
         suite.main(["--device", "cuda", "--out", str(tmp_path)])
+    for bad in (["--device", "tpu"], ["--smoke", "--budget-seconds", "0"]):  # argparse's one line, exit status 2
+        with pytest.raises(SystemExit) as exited:
+            suite.main([*bad, "--out", str(tmp_path)])
+        assert exited.value.code == 2
+    assert not any(tmp_path.iterdir())  # nothing written
 
 
 def test_the_largest_batch_search(load_script):
