@@ -5,6 +5,8 @@ picks while a graph is built) and on the fused SDPA kernel (all a first-order ba
 cached context, EBT through the reference whole-sequence forward (no cache) -- are timed in one process with
 their steps interleaved round by round, so a change in machine load hits all alike; the median over rounds
 is reported, with the EBT ratios against both baselines (the faster one is the headline). Peak memory is measured per variant in a fresh subprocess (peak RSS growth over two steps).
+As the Trainer runs on CPU: denormals flushed to zero and freed memory retained by the allocator
+(``energyflow.host_memory``); ``--keep-denormals`` and ``--return-freed-memory`` turn each off.
 CUDA (``--device cuda``): the real trainer (bf16 autocast) on each task; the median time from one training
 step to the next, tokens/s, MFU and peak allocated memory (``trainer_report``).
 
@@ -27,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from energyflow import bench  # noqa: E402
+from energyflow import bench, host_memory  # noqa: E402
 from architectures import EBT, TransformerConfig, TransformerPP  # noqa: E402
 from energyflow.data import text_data, to_batch  # noqa: E402
 from energyflow.models import TextEBM  # noqa: E402
@@ -119,7 +121,8 @@ def peak_memory_child(args) -> None:
 def peak_memory(variant: str, args) -> int:
     command = [sys.executable, __file__, "--memory-of", variant, "--size", args.size, "--seq-len",
                str(args.seq_len), "--batch-size", str(args.batch_size), "--threads", str(args.threads),
-               *(["--keep-denormals"] if args.keep_denormals else [])]
+               *(["--keep-denormals"] if args.keep_denormals else []),
+               *(["--return-freed-memory"] if args.return_freed_memory else [])]
     return int(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
 
 
@@ -192,7 +195,9 @@ def markdown(result: dict) -> str:
     head = (f"# Train step: EBT (System 1, 2 descent steps) vs Transformer++\n\n{settings['size']}, sequence "
             f"{settings['seq_len']}, batch {settings['batch_size']}, vocabulary 256, device {settings['device']}, "
             f"{settings['threads']} thread(s), torch {settings['torch']}, denormals "
-            f"{'flushed to zero (as the Trainer runs)' if settings.get('flush_denormal') else 'kept'}.\n\n")
+            f"{'flushed to zero (as the Trainer runs)' if settings.get('flush_denormal') else 'kept'}, freed memory "
+            f"{'retained (as the Trainer runs)' if settings.get('retain_freed_memory') else 'returned to the kernel'}"
+            ".\n\n")
     if settings["device"] == "cuda":
         rows = [f"| {v} | {r['step_seconds']:.4f} | {r['tokens_per_second']:.0f} | "
                 f"{'-' if r['mfu'] is None else format(r['mfu'], '.1%')} | {r['peak_memory_bytes'] / 2**20:.0f} |"
@@ -230,16 +235,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON and markdown results")
     parser.add_argument("--keep-denormals", action="store_true",
                         help="do not flush denormals to zero (the Trainer flushes them by default, see Trainer)")
+    parser.add_argument("--return-freed-memory", action="store_true",
+                        help="leave glibc's allocator as it is (the Trainer retains freed memory, see "
+                             "energyflow.host_memory; benchmarks/host_memory.py compares the two)")
     parser.add_argument("--memory-of", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.flush_denormal = not args.keep_denormals and torch.set_flush_denormal(True)  # as Trainer.fit does
+    args.retain_freed_memory = not args.return_freed_memory and host_memory.retain_freed_memory()  # as on CPU
     if args.memory_of:
         return peak_memory_child(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available; run on a GPU machine or use --device cpu")
     report = trainer_report(args, torch.device("cuda")) if args.device == "cuda" else cpu_report(args)
-    settings = {**{k: v for k, v in vars(args).items() if k not in ("memory_of", "keep_denormals", "out")},
+    settings = {**{k: v for k, v in vars(args).items()
+                   if k not in ("memory_of", "keep_denormals", "return_freed_memory", "out")},
                 "torch": torch.__version__}
     result = {"settings": settings, "report": report}
     bench.write(args.out, f"train_step_{args.device}", result, markdown(result), device=args.device)

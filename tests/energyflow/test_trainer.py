@@ -222,6 +222,21 @@ def _denormals_survive() -> bool:
     return float(torch.tensor([1e-39]) * 1.0) != 0.0
 
 
+def test_a_cpu_run_retains_freed_memory_and_hands_it_back_when_fit_returns(tmp_path, make_task, make_trainer,
+                                                                          tiny_data, monkeypatch):
+    from energyflow import host_memory
+
+    calls = []
+    monkeypatch.setattr(host_memory, "retain_freed_memory", lambda: calls.append("retain") or True)
+    monkeypatch.setattr(host_memory, "release_freed_memory", lambda: calls.append("release") or True)
+    first = make_trainer(num_steps=2).fit(make_task(), tiny_data, tmp_path / "default")
+    assert calls == ["retain", "release"]
+    calls.clear()
+    second = make_trainer(num_steps=2, retain_freed_memory=False).fit(make_task(), tiny_data, tmp_path / "off")
+    assert calls == []
+    assert _losses(first) == _losses(second)  # where memory comes from changes no number
+
+
 class _DenormalsSeen(LanguageModelTask):
     def __init__(self, model):
         super().__init__(model)
