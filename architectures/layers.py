@@ -182,7 +182,7 @@ def attention(
 
 def attention_with_self(
     q: Tensor, k_ctx: Tensor, v_ctx: Tensor, k_self: Tensor, v_self: Tensor, ctx_mask: Tensor, *,
-    q_self: Optional[Tensor] = None,
+    q_self: Optional[Tensor] = None, causal_offset: Optional[int] = None, query_block: int = 128,
 ) -> Tensor:
     """Each query attends to a shared context (under ``ctx_mask``) and to its own key only.
 
@@ -191,9 +191,34 @@ def attention_with_self(
     ``2S x 2S`` attention. Always the math path: callers differentiate it (w.r.t. the candidate, often twice).
     ``q_self`` (default ``q``) is the query of the self-score ``q_self . k_self``: RoPE rotates a query and
     its own key by the same angle, which cancels in their dot product, so both may be passed unrotated.
+
+    ``causal_offset``: the caller's promise that ``ctx_mask`` is causal, query ``i`` seeing context keys
+    ``< causal_offset + i + 1`` and no later ones (``causal_mask(S, L)``: ``causal_offset = L - S``). The
+    queries then go in blocks of ``query_block``, each against only the keys its last query can see, so the
+    masked upper triangle -- half the score and value products at ``S = L`` -- is mostly never computed
+    (three quarters of the work remain at two blocks, 56% at eight). The keys a block skips have weight
+    exactly zero, so this is the same attention to float rounding (the sums run over fewer zeros).
     """
+    if query_block < 1:
+        raise ValueError(f"query_block must be >= 1, got {query_block}")
+    q_self = q if q_self is None else q_self
+    num_queries = q.shape[2]
+    if causal_offset is None or num_queries <= query_block:
+        return _attend_with_self(q, k_ctx, v_ctx, k_self, v_self, ctx_mask, q_self)
+    blocks = []
+    for start in range(0, num_queries, query_block):
+        stop = min(start + query_block, num_queries)
+        keys = min(causal_offset + stop, k_ctx.shape[2])  # every key a query of this block may see
+        rows = slice(start, stop)
+        blocks.append(_attend_with_self(q[:, :, rows], k_ctx[:, :, :keys], v_ctx[:, :, :keys], k_self[:, :, rows],
+                                        v_self[:, :, rows], ctx_mask[rows, :keys], q_self[:, :, rows]))
+    return torch.cat(blocks, dim=2)
+
+
+def _attend_with_self(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, k_self: Tensor, v_self: Tensor, ctx_mask: Tensor,
+                      q_self: Tensor) -> Tensor:
     ctx_scores = _scores(q, k_ctx, _as_bias(ctx_mask, q))  # [B,H,S,L]
-    self_scores = _scores_diagonal(q if q_self is None else q_self, k_self)  # [B,H,S,1]
+    self_scores = _scores_diagonal(q_self, k_self)  # [B,H,S,1]
     # The softmax over [context, self] written out, so the [B,H,S,L] scores are never concatenated with the
     # self column nor sliced apart again. The shift is any per-row constant: detaching it is exact (the
     # output does not depend on it) and including the finite self-score keeps fully masked rows finite.

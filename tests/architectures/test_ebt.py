@@ -244,3 +244,40 @@ def test_the_fused_context_stream_keeps_every_outer_gradient_float64(conditionin
     assert math_grads.keys() == fused_grads.keys() and "objective.sampler.step_size" in math_grads
     for name, grad in math_grads.items():
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("conditioning", [None, "adaln", "time_token"])
+def test_causal_query_blocks_keep_the_loss_and_every_outer_gradient_float64(conditioning):
+    """The prediction stream's queries in causal blocks (``EBT.query_block``) against one block: in float64 the
+    training loss and every parameter's outer gradient, second order included, agree to rounding; the time
+    token shifts the causal offset by its prefix."""
+    from energyflow.models import TextEBM
+    from energyflow.objectives import EBTObjective, RandomNoise
+    from energyflow.tasks import EBTLanguageModelTask
+    from samplers import GradientDescent
+
+    def outer(query_block):
+        torch.manual_seed(0)
+        config = TransformerConfig.from_preset("4xs", max_seq_len=32)
+        backbone = EBT(config, step_conditioning=conditioning, query_block=query_block)
+        task = EBTLanguageModelTask(TextEBM(backbone, 64), EBTObjective(GradientDescent(50.0, learnable=True),
+                                                                        num_steps=2, initial_state=RandomNoise(1.0)))
+        task = task.double()
+        windows = torch.randint(0, 64, (3, 17), generator=torch.Generator().manual_seed(0))
+        loss, _ = task.loss({"tokens": windows[:, :-1], "targets": windows[:, 1:]}, step=0,
+                            generator=torch.Generator().manual_seed(0))
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in task.named_parameters() if p.grad is not None}
+
+    whole_loss, whole_grads = outer(1000)
+    blocked_loss, blocked_grads = outer(3)  # 16 predictions: blocks of 3, 3, 3, 3, 3 and 1
+    assert torch.allclose(blocked_loss, whole_loss, rtol=1e-12, atol=0)
+    assert whole_grads.keys() == blocked_grads.keys()
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(blocked_grads[name], grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("query_block", [0, -2, 2.5, True])
+def test_a_bad_query_block_is_refused_by_name(query_block):
+    with pytest.raises(ValueError, match="query_block must be an int >= 1"):
+        EBT(TransformerConfig(dim=DIM, num_layers=1, num_heads=2, max_seq_len=16), query_block=query_block)

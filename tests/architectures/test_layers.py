@@ -153,6 +153,45 @@ def test_attention_with_self_equals_masked_two_stream_attention():
     torch.testing.assert_close(attention_with_self(q, k_ctx, v_ctx, k_self, v_self, ctx_mask), expected)
 
 
+@pytest.mark.parametrize("queries,keys,block", [(5, 5, 1), (5, 5, 2), (5, 7, 2), (5, 7, 3), (6, 9, 4)])
+def test_causal_query_blocks_equal_the_whole_attention_to_second_order(queries, keys, block):
+    """Blocks skip only keys of weight exactly zero: float64 forward, gradient and the gradient of a gradient
+    norm (the EBT's second order) equal the unblocked attention's to rounding (1e-12: a few ulps of sums)."""
+    q, k_self, v_self = _qkv(seed=11, length=queries, requires_grad=True)
+    _, k_ctx, v_ctx = _qkv(seed=12, length=keys, requires_grad=True)
+    mask, inputs = causal_mask(queries, keys), (q, k_ctx, v_ctx, k_self, v_self)
+
+    def second_order(**blocks):
+        out = attention_with_self(*inputs, mask, **blocks)
+        (grad_q,) = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
+        return [out, *torch.autograd.grad(grad_q.pow(2).sum() + out.sum(), inputs)]
+
+    blocked, whole = second_order(causal_offset=keys - queries, query_block=block), second_order()
+    for got, expected in zip(blocked, whole):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_each_causal_block_scores_only_the_keys_it_can_see(monkeypatch):
+    import architectures.layers as layers
+
+    seen, attend = [], layers._attend_with_self
+    monkeypatch.setattr(layers, "_attend_with_self", lambda q, k_ctx, *rest: seen.append(
+        (q.shape[2], k_ctx.shape[2])) or attend(q, k_ctx, *rest))
+    q, k_self, v_self = _qkv(seed=14, length=7)
+    _, k_ctx, v_ctx = _qkv(seed=15, length=9)
+    attention_with_self(q, k_ctx, v_ctx, k_self, v_self, causal_mask(7, 9), causal_offset=2, query_block=3)
+    assert seen == [(3, 5), (3, 8), (1, 9)]  # (queries, keys): query i sees keys < 2 + i + 1
+    seen.clear()
+    attention_with_self(q, k_ctx, v_ctx, k_self, v_self, causal_mask(7, 9))  # no promise of causality: one block
+    assert seen == [(7, 9)]
+
+
+def test_attention_with_self_rejects_a_query_block_below_one():
+    q, k, v = _qkv(seed=13)
+    with pytest.raises(ValueError, match="query_block must be >= 1"):
+        attention_with_self(q, k, v, k, v, causal_mask(5, 5), causal_offset=0, query_block=0)
+
+
 @pytest.mark.parametrize("backend", ["math", "fused"])
 def test_additive_bias_equals_boolean_mask(backend):
     q, k, v = _qkv(seed=3)
