@@ -213,33 +213,34 @@ def test_per_step_backward_through_leaf_cache_equals_one_backward_of_the_summed_
         cache.backward_from(cache.as_leaves())
 
 
+def _outer_gradients(conditioning, **backbone_settings):
+    """float64 training loss and every parameter's outer gradient of a 4xs System 1 EBT (2 steps) on one batch."""
+    from energyflow.models import TextEBM
+    from energyflow.objectives import EBTObjective, RandomNoise
+    from energyflow.tasks import EBTLanguageModelTask
+    from samplers import GradientDescent
+
+    torch.manual_seed(0)
+    config = TransformerConfig.from_preset("4xs", max_seq_len=32)
+    backbone = EBT(config, step_conditioning=conditioning, **backbone_settings)
+    task = EBTLanguageModelTask(TextEBM(backbone, 64), EBTObjective(GradientDescent(50.0, learnable=True),
+                                                                    num_steps=2, initial_state=RandomNoise(1.0)))
+    task = task.double()
+    windows = torch.randint(0, 64, (3, 17), generator=torch.Generator().manual_seed(0))
+    loss, _ = task.loss({"tokens": windows[:, :-1], "targets": windows[:, 1:]}, step=0,
+                        generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in task.named_parameters() if p.grad is not None}
+
+
 @pytest.mark.parametrize("conditioning", [None, "adaln", "time_token"])
 def test_the_fused_context_stream_keeps_every_outer_gradient_float64(conditioning):
     """The real stream is differentiated once (the descent differentiates w.r.t. the candidate only), so its
     self-attention may run the fused kernel, which has no double backward: were it ever differentiated twice,
     this would raise. In float64 the training loss and every parameter's outer gradient, second-order terms
     included, equal the math path's to rounding."""
-    from architectures import EBT, TransformerConfig
-    from energyflow.models import TextEBM
-    from energyflow.objectives import EBTObjective, RandomNoise
-    from energyflow.tasks import EBTLanguageModelTask
-    from samplers import GradientDescent
-
-    def outer(context_attention):
-        torch.manual_seed(0)
-        config = TransformerConfig.from_preset("4xs", max_seq_len=32)
-        backbone = EBT(config, step_conditioning=conditioning, context_attention=context_attention)
-        task = EBTLanguageModelTask(TextEBM(backbone, 64), EBTObjective(GradientDescent(50.0, learnable=True),
-                                                                        num_steps=2, initial_state=RandomNoise(1.0)))
-        task = task.double()
-        windows = torch.randint(0, 64, (3, 17), generator=torch.Generator().manual_seed(0))
-        loss, _ = task.loss({"tokens": windows[:, :-1], "targets": windows[:, 1:]}, step=0,
-                            generator=torch.Generator().manual_seed(0))
-        loss.backward()
-        return loss.detach(), {n: p.grad for n, p in task.named_parameters() if p.grad is not None}
-
-    math_loss, math_grads = outer("math")
-    fused_loss, fused_grads = outer("fused")
+    math_loss, math_grads = _outer_gradients(conditioning, context_attention="math")
+    fused_loss, fused_grads = _outer_gradients(conditioning, context_attention="fused")
     assert torch.allclose(fused_loss, math_loss, rtol=1e-12, atol=0)
     assert math_grads.keys() == fused_grads.keys() and "objective.sampler.step_size" in math_grads
     for name, grad in math_grads.items():
@@ -251,26 +252,8 @@ def test_causal_query_blocks_keep_the_loss_and_every_outer_gradient_float64(cond
     """The prediction stream's queries in causal blocks (``EBT.query_block``) against one block: in float64 the
     training loss and every parameter's outer gradient, second order included, agree to rounding; the time
     token shifts the causal offset by its prefix."""
-    from energyflow.models import TextEBM
-    from energyflow.objectives import EBTObjective, RandomNoise
-    from energyflow.tasks import EBTLanguageModelTask
-    from samplers import GradientDescent
-
-    def outer(query_block):
-        torch.manual_seed(0)
-        config = TransformerConfig.from_preset("4xs", max_seq_len=32)
-        backbone = EBT(config, step_conditioning=conditioning, query_block=query_block)
-        task = EBTLanguageModelTask(TextEBM(backbone, 64), EBTObjective(GradientDescent(50.0, learnable=True),
-                                                                        num_steps=2, initial_state=RandomNoise(1.0)))
-        task = task.double()
-        windows = torch.randint(0, 64, (3, 17), generator=torch.Generator().manual_seed(0))
-        loss, _ = task.loss({"tokens": windows[:, :-1], "targets": windows[:, 1:]}, step=0,
-                            generator=torch.Generator().manual_seed(0))
-        loss.backward()
-        return loss.detach(), {n: p.grad for n, p in task.named_parameters() if p.grad is not None}
-
-    whole_loss, whole_grads = outer(1000)
-    blocked_loss, blocked_grads = outer(3)  # 16 predictions: blocks of 3, 3, 3, 3, 3 and 1
+    whole_loss, whole_grads = _outer_gradients(conditioning, query_block=1000)
+    blocked_loss, blocked_grads = _outer_gradients(conditioning, query_block=3)  # 16 predictions: blocks of 3, 3, 3, 3, 3 and 1
     assert torch.allclose(blocked_loss, whole_loss, rtol=1e-12, atol=0)
     assert whole_grads.keys() == blocked_grads.keys()
     for name, grad in whole_grads.items():
