@@ -94,7 +94,8 @@ class EBT(nn.Module):
     graph is built, as before.
     ``query_block``: the prediction stream's queries go against the cached context in causal blocks of this
     many (``attention_with_self``), each block against only the keys it can see: at S = 256 two blocks, 3.6%
-    off the xxs training step (``benchmarks/train_step.py``); equal to the unblocked attention to rounding.
+    off the xxs training step (steps interleaved in one process, ``docs/performance.md``); equal to the
+    unblocked attention to rounding. At S <= query_block (the quickstart's 64) nothing changes.
     """
 
     def __init__(self, config: TransformerConfig, head: Optional[nn.Module] = None, *,
