@@ -205,13 +205,17 @@ def attention_with_self(
     num_queries = q.shape[2]
     if causal_offset is None or num_queries <= query_block:
         return _attend_with_self(q, k_ctx, v_ctx, k_self, v_self, ctx_mask, q_self)
-    blocks = []
-    for start in range(0, num_queries, query_block):
+    # split, not slicing: a split's backward is one concatenation of the blocks' gradients, where every slice's
+    # would zero-fill a full-size gradient and add it to the others (~3% of the EBT training step at S = 256).
+    queries, self_keys, self_values = (t.split(query_block, dim=2) for t in (q, k_self, v_self))
+    self_queries = queries if q_self is q else q_self.split(query_block, dim=2)
+    total_keys, blocks = k_ctx.shape[2], []
+    for index, start in enumerate(range(0, num_queries, query_block)):
         stop = min(start + query_block, num_queries)
-        keys = min(causal_offset + stop, k_ctx.shape[2])  # every key a query of this block may see
-        rows = slice(start, stop)
-        blocks.append(_attend_with_self(q[:, :, rows], k_ctx[:, :, :keys], v_ctx[:, :, :keys], k_self[:, :, rows],
-                                        v_self[:, :, rows], ctx_mask[rows, :keys], q_self[:, :, rows]))
+        keys = min(causal_offset + stop, total_keys)  # every key a query of this block may see
+        block_k, block_v = (k_ctx, v_ctx) if keys == total_keys else (k_ctx[:, :, :keys], v_ctx[:, :, :keys])
+        blocks.append(_attend_with_self(queries[index], block_k, block_v, self_keys[index], self_values[index],
+                                        ctx_mask[start:stop, :keys], self_queries[index]))
     return torch.cat(blocks, dim=2)
 
 
