@@ -100,6 +100,47 @@ def test_rope_scores_depend_only_on_relative_position():
     torch.testing.assert_close(per_row[1:], rope(x[1:], torch.tensor([5, 6, 7])))
 
 
+def _composite_rope(x, positions, inv_freq):
+    """The textbook rotation (half-split layout), left to autograd's generic graph."""
+    angles = positions.to(x.dtype).unsqueeze(-1) * inv_freq.to(x.dtype)
+    angles = angles.unsqueeze(1) if angles.dim() == 3 else angles  # [B, T] positions: one rotation per row
+    cos, sin = angles.cos(), angles.sin()
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1)
+
+
+@pytest.mark.parametrize("positions", [torch.arange(1, 6), torch.tensor([[0, 1, 2, 3, 4], [7, 3, 9, 2, 5]])])
+def test_rope_rotation_node_equals_the_composite_formula_to_third_order(positions):
+    """The one-node rotation (its backward the rotation by the opposite angle) against autograd on the formula:
+    values, first, second and third derivatives. Same products and two-term sums, so float64 agrees to the
+    last bit in practice; the tolerance only leaves room for a differently ordered sum."""
+    g = torch.Generator().manual_seed(3)
+    rope = RotaryEmbedding(6)
+    x0 = torch.randn(2, 3, 5, 6, generator=g, dtype=torch.float64)
+    up1, up2 = (torch.randn(2, 3, 5, 6, generator=g, dtype=torch.float64) for _ in range(2))
+
+    def orders(fn):
+        x = x0.clone().requires_grad_(True)
+        y = fn(x)
+        (g1,) = torch.autograd.grad((y.sin() * up1).sum(), x, create_graph=True)
+        (g2,) = torch.autograd.grad((g1 * g1 * up2).sum(), x, create_graph=True)
+        (g3,) = torch.autograd.grad(g2.pow(2).sum(), x)
+        return y, g1, g2, g3
+
+    for ours, reference in zip(orders(lambda x: rope(x, positions)),
+                               orders(lambda x: _composite_rope(x, positions, rope.inv_freq))):
+        torch.testing.assert_close(ours, reference, rtol=1e-14, atol=1e-14)
+
+
+def test_rope_backward_is_the_inverse_rotation():
+    """The rotation is orthogonal: its vector-Jacobian product of the output is the input back."""
+    rope, positions = RotaryEmbedding(8), torch.arange(4)
+    x = torch.randn(1, 2, 4, 8, dtype=torch.float64, requires_grad=True)
+    y = rope(x, positions)
+    (back,) = torch.autograd.grad(y, x, grad_outputs=y.detach())
+    torch.testing.assert_close(back, x.detach(), rtol=1e-14, atol=1e-14)
+
+
 def test_rope_rejects_odd_head_width():
     with pytest.raises(ValueError, match="even head width"):
         RotaryEmbedding(5)
