@@ -1,9 +1,11 @@
 """The shared driver: what a Trajectory holds, thinning, step-size broadcasting, reproducibility."""
+import warnings
+
 import pytest
 import torch
 
 from samplers import INFO_FIELDS, HMC, MALA, GradientDescent, Langevin
-from samplers.base import as_step_size, chain_mean
+from samplers.base import SamplerWarning, as_step_size, chain_mean
 
 
 def energy_fn(y: torch.Tensor) -> torch.Tensor:
@@ -133,5 +135,10 @@ def test_one_sync_after_the_loop(monkeypatch, make):
     y0, generator = torch.zeros(6, 4), torch.Generator().manual_seed(0)
     for num_steps, warmup, expected in ((10, 5, 1), (40, 30, 1), (10, 0, 0)):
         reads.clear()
-        make().run(energy_fn, y0, num_steps=num_steps, warmup=warmup, thin=2, generator=generator)
+        # Whether a 30-step per-chain warmup leaves some chain divergent depends on the CPU's rounding (on one
+        # machine an HMC chain ends warmup at step 3.3 and diverges throughout): the warning is beside the point
+        # here, and the one read happens whether it fires or not.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SamplerWarning)
+            make().run(energy_fn, y0, num_steps=num_steps, warmup=warmup, thin=2, generator=generator)
         assert reads == ["tolist"] * expected, (num_steps, warmup, reads)
