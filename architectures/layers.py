@@ -132,14 +132,26 @@ class _Rotate(torch.autograd.Function):
     A rotation is linear and its adjoint is the rotation by the opposite angle, so the backward is this same
     function with ``-sin``: one node per derivative order (a create_graph backward records one node, not autograd's
     graph of four products, two sums and a concatenation), differentiable to any order. Bit-equal to that graph:
-    the same products, and each gradient the same two-term sum.
+    the same products, and each gradient the same two-term sum. Eagerly, the products are written straight into
+    the two halves of the output (the same operations in the same order, so the same bits): no concatenation pass
+    and one scratch tensor instead of four; under ``torch.compile`` (whose tracer does not take ``out=`` into
+    views) the plain expression, which it fuses anyway.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         ctx.save_for_backward(cos, sin)
         first, second = x.chunk(2, dim=-1)
-        return torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1)
+        if torch.compiler.is_compiling():
+            return torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1)
+        shape = (*torch.broadcast_shapes(first.shape, cos.shape, sin.shape)[:-1], x.shape[-1])
+        out = torch.empty(shape, dtype=x.dtype, device=x.device)  # contiguous, like the concatenation
+        low, high = out.chunk(2, dim=-1)
+        scratch = torch.mul(second, sin)
+        torch.mul(first, cos, out=low).sub_(scratch)  # a cos - b sin
+        torch.mul(second, cos, out=scratch)
+        torch.mul(first, sin, out=high).add_(scratch)  # a sin + b cos
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -148,7 +160,8 @@ class _Rotate(torch.autograd.Function):
 
 
 class SwiGLU(nn.Module):
-    """Bias-free gated feed-forward: ``W2 (silu(W1 x) * W3 x)``."""
+    """Bias-free gated feed-forward: ``W2 (silu(W1 x) * W3 x)``; the gate ``silu(a) * u`` is one autograd node
+    (:class:`_GatedSiLU`) with hand-derived derivatives of every order."""
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
@@ -157,7 +170,77 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:  # [..., D] -> [..., D]
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.down(_GatedSiLU.apply(self.gate(x), self.up(x)))
+
+
+class _GatedSiLU(torch.autograd.Function):
+    """``h = silu(a) * u``. Its first-order backward is PyTorch's own (``g * u`` through the fused ``silu_backward``,
+    and ``g * silu(a)``), bit for bit; under create_graph it records one node (:class:`_GatedSiLUBackward`)
+    instead of autograd's product node and the composite of five elementwise ops that PyTorch differentiates
+    ``silu`` through whenever a graph is built -- each of which the second-order backward then runs again.
+    """
+
+    @staticmethod
+    def forward(ctx, a: Tensor, u: Tensor) -> Tensor:
+        s = F.silu(a)
+        ctx.save_for_backward(a, u, s)
+        return s * u
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        a, u, s = ctx.saved_tensors
+        return _GatedSiLUBackward.apply(grad, a, u, s)
+
+
+def _silu_derivatives(a: Tensor) -> tuple[Tensor, Tensor]:
+    """``silu'(a) = sig (1 + a (1 - sig))`` and ``silu''(a) = sig (1 - sig) (2 + a (1 - 2 sig))``, ``sig = sigmoid(a)``."""
+    sig = torch.sigmoid(a)
+    first = sig * (1 + a * (1 - sig))
+    second = sig * (1 - sig) * (2 + a * (1 - 2 * sig))
+    return first, second
+
+
+class _GatedSiLUBackward(torch.autograd.Function):
+    """``(grad_a, grad_u) = (silu'(a) g u, g s)`` with ``s = silu(a)``: the adjoint of ``h = silu(a) * u``.
+
+    Its backward, for upstreams ``A`` (of ``grad_a``) and ``U`` (of ``grad_u``): ``d/dg = silu'(a) A u + U s``,
+    ``d/da = silu''(a) A g u + silu'(a) U g``, ``d/du = silu'(a) A g`` (``s`` comes in as a precomputed value
+    and receives no gradient of its own; ``a`` carries its dependence). Without a graph the ``silu'`` products
+    run through the fused ``silu_backward``; when that backward itself builds a graph (a third derivative) every
+    term is written in differentiable elementwise ops, so all orders stay exact.
+    """
+
+    @staticmethod
+    def forward(ctx, grad: Tensor, a: Tensor, u: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(grad, a, u, s)
+        return torch.ops.aten.silu_backward(grad * u, a), grad * s
+
+    @staticmethod
+    def backward(ctx, up_a: Tensor, up_u: Tensor):  # both materialized (zeros for an unused output)
+        grad, a, u, s = ctx.saved_tensors
+        need_grad, need_a, need_u = ctx.needs_input_grad[:3]
+        d_grad = d_a = d_u = None
+        if torch.is_grad_enabled():  # create_graph: differentiable ops throughout, s rebuilt from a
+            first, second = _silu_derivatives(a)
+            s = a * torch.sigmoid(a)
+            if need_grad:
+                d_grad = first * up_a * u + up_u * s
+            if need_a:
+                d_a = second * up_a * grad * u + first * up_u * grad
+            if need_u:
+                d_u = first * up_a * grad
+            return d_grad, d_a, d_u, None
+        silu_backward = torch.ops.aten.silu_backward  # silu'(a) times its first argument, one fused pass
+        a_grad = up_a * grad
+        if need_grad:
+            d_grad = silu_backward(up_a * u, a).addcmul_(up_u, s)
+        if need_u:
+            d_u = silu_backward(a_grad, a)
+        if need_a:
+            sig = torch.sigmoid(a)
+            second = torch.rsub(sig, 1, alpha=2).mul_(a).add_(2).mul_(torch.addcmul(sig, sig, sig, value=-1))
+            d_a = second.mul_(a_grad).mul_(u).add_(silu_backward(up_u * grad, a))
+        return d_grad, d_a, d_u, None
 
 
 def needs_math_path(*tensors: Tensor) -> bool:

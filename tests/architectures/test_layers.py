@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from architectures.layers import (RMSNorm, RotaryEmbedding, SelfAttention, SwiGLU, attention, attention_bias,
+from architectures.layers import (RMSNorm, RotaryEmbedding, SelfAttention, SwiGLU, _GatedSiLU, attention, attention_bias,
                                   attention_with_self, causal_mask, init_linear, select_backend, zero_init)
 
 
@@ -152,6 +152,45 @@ def test_swiglu_is_bias_free_and_gated():
     x = torch.randn(2, 4)
     expected = ffn.down(torch.nn.functional.silu(ffn.gate(x)) * ffn.up(x))
     torch.testing.assert_close(ffn(x), expected)
+
+
+def _gate_orders(gate, a0, u0, up1, up2, third=True):
+    """Value, first, second (and third) derivatives of ``gate(a, u)`` w.r.t. both inputs, float64."""
+    a, u = a0.clone().requires_grad_(True), u0.clone().requires_grad_(True)
+    y = gate(a, u)
+    first = torch.autograd.grad((y.sin() * up1).sum(), (a, u), create_graph=True)
+    second = torch.autograd.grad((first[0] * first[1] * up2 + first[0].square()).sum(), (a, u), create_graph=third)
+    if not third:  # the second-order backward without a graph: the fused silu_backward path
+        return (y, *first, *second)
+    third_order = torch.autograd.grad((second[0].pow(2) + second[0] * second[1]).sum(), (a, u))
+    return (y, *first, *second, *third_order)
+
+
+@pytest.mark.parametrize("third", [False, True])
+def test_gated_silu_node_equals_the_composite_formula_to_third_order(third):
+    """The one-node gate silu(a) * u against autograd on the formula (wide inputs, so silu's curvature matters):
+    values and every derivative to third order, w.r.t. both a and u, through both of its backward's branches
+    (no graph: fused silu_backward; a graph: differentiable ops). Float64, relative to each result's scale:
+    different but equivalent formulas, so agreement is to rounding (1e-18-1e-15 seen), not bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    a0, u0 = (3 * torch.randn(3, 4, 7, generator=g, dtype=torch.float64) for _ in range(2))
+    up1, up2 = (torch.randn(3, 4, 7, generator=g, dtype=torch.float64) for _ in range(2))
+    ours = _gate_orders(_GatedSiLU.apply, a0, u0, up1, up2, third)
+    reference = _gate_orders(lambda a, u: torch.nn.functional.silu(a) * u, a0, u0, up1, up2, third)
+    for mine, theirs in zip(ours, reference):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12 * theirs.abs().max().item())
+
+
+def test_gated_silu_first_order_is_pytorchs_bit_for_bit():
+    """Without a graph (a Transformer++ step) the gate's gradients are PyTorch's own, to the last bit."""
+    g = torch.Generator().manual_seed(1)
+    a, u, upstream = (torch.randn(4, 9, 16, generator=g) for _ in range(3))
+    grads = []
+    for gate in (_GatedSiLU.apply, lambda a, u: torch.nn.functional.silu(a) * u):
+        leaves = a.clone().requires_grad_(True), u.clone().requires_grad_(True)
+        gate(*leaves).backward(upstream)
+        grads.append([leaf.grad for leaf in leaves])
+    assert all(torch.equal(mine, theirs) for mine, theirs in zip(*grads))
 
 
 def test_math_and_fused_attention_agree():
