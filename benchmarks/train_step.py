@@ -193,7 +193,8 @@ def trainer_report(args, device: torch.device) -> dict:
 def markdown(result: dict) -> str:
     settings = result["settings"]
     head = (f"# Train step: EBT (System 1, 2 descent steps) vs Transformer++\n\n{settings['size']}, sequence "
-            f"{settings['seq_len']}, batch {settings['batch_size']}, vocabulary 256, device {settings['device']}, "
+            f"{settings['seq_len']}, batch {settings['batch_size']}, vocabulary 256, device {settings['device']}"
+            f"{' (' + settings['cpu_model'] + ')' if settings.get('cpu_model') else ''}, "
             f"{settings['threads']} thread(s), torch {settings['torch']}, denormals "
             f"{'flushed to zero (as the Trainer runs)' if settings.get('flush_denormal') else 'kept'}, freed memory "
             f"{'retained (as the Trainer runs)' if settings.get('retain_freed_memory') else 'returned to the kernel'}"
@@ -250,7 +251,7 @@ def main() -> None:
     report = trainer_report(args, torch.device("cuda")) if args.device == "cuda" else cpu_report(args)
     settings = {**{k: v for k, v in vars(args).items()
                    if k not in ("memory_of", "keep_denormals", "return_freed_memory", "out")},
-                "torch": torch.__version__}
+                "torch": torch.__version__, "cpu_model": bench.cpu_model()}
     result = {"settings": settings, "report": report}
     bench.write(args.out, f"train_step_{args.device}", result, markdown(result), device=args.device)
     print(markdown(result))

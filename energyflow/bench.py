@@ -7,7 +7,7 @@ synchronization, peak memory, machine metadata, and one JSON + markdown writer.
   Returns ``{name: [seconds per round]}``; ``medians`` summarizes.
 - ``peak_memory(fn, device)``: the peak growth of memory while ``fn`` runs: ``torch.cuda.max_memory_allocated``
   on CUDA, the resident set's high-water mark (``VmHWM``, reset first through ``/proc/self/clear_refs``) on CPU.
-- ``machine(device)``: device, processor, threads, torch / Python versions, load average.
+- ``machine(device)``: device, CPU model and count, threads, torch / Python versions, load average.
 - ``write(out_dir, stem, payload, markdown)``: ``stem.json`` (with ``machine`` filled in if missing) and
   ``stem.md``, written atomically.
 
@@ -111,9 +111,23 @@ def peak_memory(fn: Callable[[], Any], device: Device = "cpu") -> int:
     return rss_bytes("VmHWM") - before
 
 
+def cpu_model() -> str:
+    """The processor's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere): ratios between
+    kernels move from one CPU to the next (the EBT / Transformer++ step is 4.9x on one, 5.5x on another)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine(device: Device = "cpu") -> dict[str, Any]:
     device = torch.device(device)
-    info: dict[str, Any] = {"device": str(device), "platform": platform.platform(),
+    info: dict[str, Any] = {"device": str(device), "platform": platform.platform(), "cpu_model": cpu_model(),
+                            "cpu_count": os.cpu_count(),
                             "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
                             "torch": torch.__version__, "threads": torch.get_num_threads(),
                             "load_average_1min": os.getloadavg()[0]}
