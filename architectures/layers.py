@@ -41,7 +41,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # [..., D] -> [..., D]
         compute = x if x.dtype == torch.float64 else x.float()
-        return _Normalize.apply(compute, self.eps).to(x.dtype) * self.weight
+        return _Normalize.apply(compute, self.eps)[0].to(x.dtype) * self.weight
 
 
 def _inverse_rms(x: Tensor, eps: float) -> Tensor:
@@ -50,22 +50,40 @@ def _inverse_rms(x: Tensor, eps: float) -> Tensor:
     return torch.rsqrt(norm * norm / x.shape[-1] + eps)
 
 
+def _functorch_active() -> bool:
+    """True inside a ``torch.func`` transform (vmap, grad, jacrev, ...): the nodes below then skip their in-place
+    and ``out=`` shortcuts, which a batched tensor cannot be written into, for the plain out-of-place ops."""
+    return torch._C._are_functorch_transforms_active()
+
+
 class _Normalize(torch.autograd.Function):
-    """``n = x * r`` with ``r = (mean(x^2) + eps)^(-1/2)`` over the last dimension."""
+    """``(n, r)``: ``n = x * r`` with ``r = (mean(x^2) + eps)^(-1/2)`` over the last dimension (``r`` returned for
+    the backward only, not differentiable).
+
+    The hand-derived nodes in this module are written in ``setup_context`` form with generated vmap rules, so
+    ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``, ``hessian``) compose with every model built on them.
+    """
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x: Tensor, eps: float) -> Tensor:
+    def forward(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
         r = _inverse_rms(x, eps)
-        n = x * r
+        return x * r, r
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, eps = inputs
+        n, r = output
+        ctx.mark_non_differentiable(r)
         ctx.save_for_backward(x, n, r)
         ctx.eps = eps
-        return n
 
     @staticmethod
-    def backward(ctx, grad_n: Tensor):
+    def backward(ctx, grad_n: Tensor, _grad_r: Optional[Tensor]):
         x, n, r = ctx.saved_tensors
         # One node that create_graph records, differentiable w.r.t. grad_n and x (through n and r).
-        return _NormalizeBackward.apply(grad_n, x, n, r, ctx.eps), None
+        return _NormalizeBackward.apply(grad_n, x, n, r, ctx.eps)[0], None
 
 
 class _NormalizeBackward(torch.autograd.Function):
@@ -79,17 +97,25 @@ class _NormalizeBackward(torch.autograd.Function):
     recording, so every order stays exact; otherwise the saved values are used.
     """
 
-    @staticmethod
-    def forward(ctx, grad_n: Tensor, x: Tensor, n: Tensor, r: Tensor, eps: float) -> Tensor:
-        a = (grad_n * n).mean(-1, keepdim=True)
-        ctx.save_for_backward(grad_n, x, n, r, a)
-        ctx.eps = eps
-        return r * torch.addcmul(grad_n, n, a, value=-1.0)
+    generate_vmap_rule = True
 
     @staticmethod
-    def backward(ctx, upstream: Tensor):
+    def forward(grad_n: Tensor, x: Tensor, n: Tensor, r: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        a = (grad_n * n).mean(-1, keepdim=True)
+        return r * torch.addcmul(grad_n, n, a, value=-1.0), a  # a: for the backward only
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        grad_n, x, n, r, eps = inputs
+        _, a = output
+        ctx.mark_non_differentiable(a)
+        ctx.save_for_backward(grad_n, x, n, r, a)
+        ctx.eps = eps
+
+    @staticmethod
+    def backward(ctx, upstream: Tensor, _grad_a: Optional[Tensor]):
         grad_n, x, n, r, a = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: rebuild n, r, a from x inside the graph
+        if torch.is_grad_enabled() or _functorch_active():  # create_graph: rebuild n, r, a from x inside the graph
             r = _inverse_rms(x, ctx.eps)
             n = x * r
             a = (grad_n * n).mean(-1, keepdim=True)
@@ -138,11 +164,12 @@ class _Rotate(torch.autograd.Function):
     views) the plain expression, which it fuses anyway.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        ctx.save_for_backward(cos, sin)
+    def forward(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         first, second = x.chunk(2, dim=-1)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or _functorch_active():
             return torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1)
         shape = (*torch.broadcast_shapes(first.shape, cos.shape, sin.shape)[:-1], x.shape[-1])
         out = torch.empty(shape, dtype=x.dtype, device=x.device)  # contiguous, like the concatenation
@@ -152,6 +179,11 @@ class _Rotate(torch.autograd.Function):
         torch.mul(second, cos, out=scratch)
         torch.mul(first, sin, out=high).add_(scratch)  # a sin + b cos
         return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _, cos, sin = inputs
+        ctx.save_for_backward(cos, sin)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -170,7 +202,7 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:  # [..., D] -> [..., D]
-        return self.down(_GatedSiLU.apply(self.gate(x), self.up(x)))
+        return self.down(_GatedSiLU.apply(self.gate(x), self.up(x))[0])
 
 
 class _GatedSiLU(torch.autograd.Function):
@@ -180,15 +212,26 @@ class _GatedSiLU(torch.autograd.Function):
     ``silu`` through whenever a graph is built -- each of which the second-order backward then runs again.
     """
 
-    @staticmethod
-    def forward(ctx, a: Tensor, u: Tensor) -> Tensor:
-        s = F.silu(a)
-        ctx.save_for_backward(a, u, s)
-        return s * u
+    generate_vmap_rule = True
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def forward(a: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+        s = F.silu(a)
+        return s * u, s  # s: for the backward only
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        a, u = inputs
+        _, s = output
+        ctx.mark_non_differentiable(s)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for s
+        ctx.save_for_backward(a, u, s)
+
+    @staticmethod
+    def backward(ctx, grad: Optional[Tensor], _grad_s: Optional[Tensor]):
         a, u, s = ctx.saved_tensors
+        if grad is None:
+            return None, None
         return _GatedSiLUBackward.apply(grad, a, u, s)
 
 
@@ -210,17 +253,22 @@ class _GatedSiLUBackward(torch.autograd.Function):
     term is written in differentiable elementwise ops, so all orders stay exact.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, grad: Tensor, a: Tensor, u: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
-        ctx.save_for_backward(grad, a, u, s)
+    def forward(grad: Tensor, a: Tensor, u: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
         return torch.ops.aten.silu_backward(grad * u, a), grad * s
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, up_a: Tensor, up_u: Tensor):  # both materialized (zeros for an unused output)
         grad, a, u, s = ctx.saved_tensors
         need_grad, need_a, need_u = ctx.needs_input_grad[:3]
         d_grad = d_a = d_u = None
-        if torch.is_grad_enabled():  # create_graph: differentiable ops throughout, s rebuilt from a
+        if torch.is_grad_enabled() or _functorch_active():  # differentiable, out-of-place ops; s rebuilt from a
             first, second = _silu_derivatives(a)
             s = a * torch.sigmoid(a)
             if need_grad:
@@ -347,11 +395,17 @@ class _ShiftedExp(torch.autograd.Function):
     itself (``grad * y``, saved as an output, so a create_graph backward differentiates it again).
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x: Tensor, shift: Tensor) -> Tensor:
-        y = torch.sub(x, shift).mul_(_LOG2_E).exp2_()  # one new tensor, updated in place
-        ctx.save_for_backward(y)
-        return y
+    def forward(x: Tensor, shift: Tensor) -> Tensor:
+        if _functorch_active():
+            return torch.exp2((x - shift) * _LOG2_E)
+        return torch.sub(x, shift).mul_(_LOG2_E).exp2_()  # one new tensor, updated in place
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(output)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
