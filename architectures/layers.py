@@ -56,12 +56,29 @@ def _functorch_active() -> bool:
     return torch._C._are_functorch_transforms_active()
 
 
-class _Normalize(torch.autograd.Function):
-    """``(n, r)``: ``n = x * r`` with ``r = (mean(x^2) + eps)^(-1/2)`` over the last dimension (``r`` returned for
-    the backward only, not differentiable).
+def _refuse_nested_forward_mode() -> None:
+    """The nodes' ``jvp`` rules are one forward level deep: under two (``jacfwd`` of ``jacfwd``, ``jvp`` of
+    ``jvp``) their second-order terms would be missing, so that is refused rather than answered wrongly."""
+    try:
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+        levels = sum(type(level).__name__ == "JvpInterpreter" for level in retrieve_all_functorch_interpreters())
+    except (ImportError, AttributeError):  # a torch without this introspection: no check
+        return
+    if levels > 1:
+        raise NotImplementedError(
+            "nested forward-mode derivatives (jacfwd of jacfwd, jvp of jvp) are not implemented for the "
+            "architectures' hand-derived nodes; take the outer derivative in reverse mode, e.g. "
+            "torch.func.jacrev(torch.func.hessian(f)) or torch.func.jacrev(torch.func.jacrev(torch.func.grad(f)))")
 
-    The hand-derived nodes in this module are written in ``setup_context`` form with generated vmap rules, so
-    ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``, ``hessian``) compose with every model built on them.
+
+class _Normalize(torch.autograd.Function):
+    """``(n, r)``: ``n = x * r`` with ``r = (mean(x^2) + eps)^(-1/2)`` over the last dimension.
+
+    ``r`` is returned for this module's own backward only (the backward ignores a gradient of it; its ``jvp``
+    gives its exact tangent). The hand-derived nodes in this module are written in ``setup_context`` form with
+    generated vmap rules and ``jvp`` rules, so ``torch.func`` transforms (``grad``, ``vmap``, ``jvp``, ``jacrev``,
+    ``jacfwd``, ``hessian``) compose with every model built on them; intermediates the backward needs come out as
+    extra outputs rather than being kept on ``ctx``. Nested forward mode (``jacfwd`` of ``jacfwd``) is refused.
     """
 
     generate_vmap_rule = True
@@ -75,9 +92,20 @@ class _Normalize(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:
         x, eps = inputs
         n, r = output
-        ctx.mark_non_differentiable(r)
         ctx.save_for_backward(x, n, r)
+        ctx.save_for_forward(x, n, r)
         ctx.eps = eps
+
+    @staticmethod
+    def jvp(ctx, x_tangent: Tensor, _eps_tangent: None):
+        _refuse_nested_forward_mode()
+        # The normalization's Jacobian is symmetric: its tangent map is its adjoint, the backward's formula;
+        # dr = -r^3 mean(x dx). (n and r rebuilt from x, so a forward derivative of this one sees them move.)
+        x, _, _ = ctx.saved_tensors
+        r = _inverse_rms(x, ctx.eps)
+        n = x * r
+        projection = (x_tangent * n).mean(-1, keepdim=True)
+        return r * (x_tangent - n * projection), -(r * r) * projection
 
     @staticmethod
     def backward(ctx, grad_n: Tensor, _grad_r: Optional[Tensor]):
@@ -102,15 +130,37 @@ class _NormalizeBackward(torch.autograd.Function):
     @staticmethod
     def forward(grad_n: Tensor, x: Tensor, n: Tensor, r: Tensor, eps: float) -> tuple[Tensor, Tensor]:
         a = (grad_n * n).mean(-1, keepdim=True)
-        return r * torch.addcmul(grad_n, n, a, value=-1.0), a  # a: for the backward only
+        return r * torch.addcmul(grad_n, n, a, value=-1.0), a  # a: for the backward (its gradient ignored)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         grad_n, x, n, r, eps = inputs
         _, a = output
-        ctx.mark_non_differentiable(a)
         ctx.save_for_backward(grad_n, x, n, r, a)
+        ctx.save_for_forward(grad_n, x, n, r, a)
         ctx.eps = eps
+
+    @staticmethod
+    def jvp(ctx, grad_tangent: Optional[Tensor], x_tangent: Optional[Tensor], _n_tangent, _r_tangent, _eps):
+        _refuse_nested_forward_mode()
+        # grad_x is linear and self-adjoint in grad_n, and its x-Jacobian is the Hessian of <n(x), grad_n>
+        # (symmetric), so both tangents are the backward's formulas; n and r follow x (their own tangents unused).
+        grad_n, x, _, _, _ = ctx.saved_tensors
+        r = _inverse_rms(x, ctx.eps)  # rebuilt from x (and a from grad_n), as in the backward's graph branch
+        n = x * r
+        a = (grad_n * n).mean(-1, keepdim=True)
+        tangent = a_tangent = None
+        if grad_tangent is not None:
+            tangent = r * (grad_tangent - n * (grad_tangent * n).mean(-1, keepdim=True))
+            a_tangent = (grad_tangent * n).mean(-1, keepdim=True)
+        if x_tangent is not None:
+            b, c = (x_tangent * n).mean(-1, keepdim=True), (x_tangent * grad_n).mean(-1, keepdim=True)
+            term = (n * (3.0 * a * b - c) - grad_n * b - x_tangent * a) * (r * r)
+            tangent = term if tangent is None else tangent + term
+            # da = mean(g dn), dn = r (dx - n b): so r (c - a b)
+            a_term = r * (c - a * b)
+            a_tangent = a_term if a_tangent is None else a_tangent + a_term
+        return tangent, a_tangent
 
     @staticmethod
     def backward(ctx, upstream: Tensor, _grad_a: Optional[Tensor]):
@@ -184,6 +234,13 @@ class _Rotate(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:
         _, cos, sin = inputs
         ctx.save_for_backward(cos, sin)
+        ctx.save_for_forward(cos, sin)
+
+    @staticmethod
+    def jvp(ctx, x_tangent: Tensor, _cos_tangent, _sin_tangent):  # linear in x; the angles are constants
+        _refuse_nested_forward_mode()
+        cos, sin = ctx.saved_tensors
+        return _Rotate.apply(x_tangent, cos, sin)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -217,15 +274,25 @@ class _GatedSiLU(torch.autograd.Function):
     @staticmethod
     def forward(a: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
         s = F.silu(a)
-        return s * u, s  # s: for the backward only
+        return s * u, s  # s: for the backward (its gradient ignored)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         a, u = inputs
         _, s = output
-        ctx.mark_non_differentiable(s)
-        ctx.set_materialize_grads(False)  # no zero-filled gradient for s
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for s (only this module's backward reads it)
         ctx.save_for_backward(a, u, s)
+        ctx.save_for_forward(a, u, s)
+
+    @staticmethod
+    def jvp(ctx, a_tangent: Optional[Tensor], u_tangent: Optional[Tensor]):
+        _refuse_nested_forward_mode()
+        a, u, _ = ctx.saved_tensors
+        s = F.silu(a)  # rebuilt from a, so that a forward derivative of this one sees it move
+        s_tangent = None if a_tangent is None else _silu_derivatives(a)[0] * a_tangent
+        terms = [t for t in (None if s_tangent is None else s_tangent * u, None if u_tangent is None else s * u_tangent)
+                 if t is not None]
+        return (terms[0] if len(terms) == 1 else terms[0] + terms[1]) if terms else None, s_tangent
 
     @staticmethod
     def backward(ctx, grad: Optional[Tensor], _grad_s: Optional[Tensor]):
@@ -262,6 +329,22 @@ class _GatedSiLUBackward(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def jvp(ctx, grad_tangent: Optional[Tensor], a_tangent: Optional[Tensor], u_tangent: Optional[Tensor],
+            _s_tangent):  # s follows a: its own tangent unused
+        _refuse_nested_forward_mode()
+        grad, a, u, _ = ctx.saved_tensors
+        first, second = _silu_derivatives(a)
+        s = a * torch.sigmoid(a)  # rebuilt from a (see _GatedSiLU.jvp)
+        zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+        grad_tangent = zero if grad_tangent is None else grad_tangent
+        a_tangent = zero if a_tangent is None else a_tangent
+        u_tangent = zero if u_tangent is None else u_tangent
+        a_out = second * a_tangent * grad * u + first * (grad_tangent * u + grad * u_tangent)
+        u_out = grad_tangent * s + grad * first * a_tangent
+        return a_out, u_out
 
     @staticmethod
     def backward(ctx, up_a: Tensor, up_u: Tensor):  # both materialized (zeros for an unused output)
@@ -406,6 +489,13 @@ class _ShiftedExp(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def jvp(ctx, x_tangent: Tensor, shift_tangent: Optional[Tensor]):
+        _refuse_nested_forward_mode()
+        (y,) = ctx.saved_tensors
+        return y * (x_tangent if shift_tangent is None else x_tangent - shift_tangent)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
