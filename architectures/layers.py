@@ -296,10 +296,11 @@ class _GatedSiLU(torch.autograd.Function):
         _refuse_nested_forward_mode()
         a, u, _ = ctx.saved_tensors
         s = F.silu(a)  # rebuilt from a, so that a forward derivative of this one sees it move
-        s_tangent = None if a_tangent is None else _silu_derivatives(a)[0] * a_tangent
-        terms = [t for t in (None if s_tangent is None else s_tangent * u, None if u_tangent is None else s * u_tangent)
-                 if t is not None]
-        return (terms[0] if len(terms) == 1 else terms[0] + terms[1]) if terms else None, s_tangent
+        zero = a.new_zeros(())
+        a_tangent = zero if a_tangent is None else a_tangent
+        u_tangent = zero if u_tangent is None else u_tangent
+        s_tangent = _silu_derivatives(a)[0] * a_tangent
+        return s_tangent * u + s * u_tangent, s_tangent
 
     @staticmethod
     def backward(ctx, grad: Optional[Tensor], _grad_s: Optional[Tensor]):
@@ -344,8 +345,8 @@ class _GatedSiLUBackward(torch.autograd.Function):
         _refuse_nested_forward_mode()
         grad, a, u, _ = ctx.saved_tensors
         first, second = _silu_derivatives(a)
-        s = a * torch.sigmoid(a)  # rebuilt from a (see _GatedSiLU.jvp)
-        zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+        s = a * torch.sigmoid(a)  # rebuilt from a (see _GatedSiLU.tangents)
+        zero = grad.new_zeros(())
         grad_tangent = zero if grad_tangent is None else grad_tangent
         a_tangent = zero if a_tangent is None else a_tangent
         u_tangent = zero if u_tangent is None else u_tangent
@@ -375,7 +376,7 @@ class _GatedSiLUBackward(torch.autograd.Function):
         if need_u:
             d_u = silu_backward(a_grad, a)
         if need_a:
-            sig = torch.sigmoid(a)
+            sig = torch.sigmoid(a)  # silu''(a) as in _silu_derivatives, in place: one scratch tensor
             second = torch.rsub(sig, 1, alpha=2).mul_(a).add_(2).mul_(torch.addcmul(sig, sig, sig, value=-1))
             d_a = second.mul_(a_grad).mul_(u).add_(silu_backward(up_u * grad, a))
         return d_grad, d_a, d_u, None
