@@ -47,6 +47,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -455,7 +456,11 @@ def main(argv=None) -> int:
         try:
             result["checks"][name] = check()
         except Exception as error:  # noqa: BLE001 - one failed check must not lose the others' numbers
-            result["checks"][name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
+            # The first line for the table; the whole traceback in the JSON and on stderr, since a device run is
+            # scarce and its failure has to be diagnosed from what it wrote.
+            result["checks"][name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+                                      "traceback": traceback.format_exc()}
+            print(result["checks"][name]["traceback"], file=sys.stderr, flush=True)
         result["checks"][name]["wall_seconds"] = time.perf_counter() - check_started
         print(f"{name}: {result['checks'][name]['wall_seconds']:.0f} s", flush=True)
         (args.out / "gpu_suite.json").write_text(json.dumps(result, indent=2, default=str))

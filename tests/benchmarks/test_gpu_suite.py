@@ -87,3 +87,35 @@ def test_the_largest_batch_search(load_script):
 
     with pytest.raises(ValueError, match="shape mismatch"):
         suite.search_largest(broken, 8, 1024, later)
+
+
+def test_a_failing_check_keeps_its_traceback_and_the_others_run(load_script, tmp_path, monkeypatch, capsys):
+    # A device run is scarce: a check that breaks there must leave enough to diagnose it, and not cost the rest.
+    suite = load_script("benchmarks/gpu_suite.py", "gpu_suite")
+    ran = []
+
+    def failing(*_):
+        ran.append("thinking")
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors ...")
+
+    monkeypatch.setattr(suite, "thinking", failing)
+    for name in ("second_order", "bf16", "train_matrix", "generation", "hmc", "train_step", "largest_batch"):
+        monkeypatch.setattr(suite, name, lambda *_, name=name: ran.append(name) or {"error": f"{name} skipped here"})
+    assert suite.main(["--smoke", "--out", str(tmp_path)]) == 1  # a failed check: exit status 1
+    assert len(ran) == 8  # every check ran after the failure
+    check = json.loads((tmp_path / "gpu_suite.json").read_text())["checks"]["thinking"]
+    assert check["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert check["traceback"].startswith("Traceback (most recent call last)") and "in failing" in check["traceback"]
+    assert check["wall_seconds"] >= 0
+    assert "in failing" in capsys.readouterr().err  # and on stderr, which the device run's log keeps
+    assert "illegal memory access" in (tmp_path / "gpu_suite.md").read_text()
+
+
+def test_the_device_script_without_its_wheels_says_how_to_get_them(tmp_path):
+    script = SCRIPT.parent / "gpu_device.sh"
+    done = subprocess.run(["bash", str(script), "run"], capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "WHEEL_DIR": str(tmp_path / "none")})
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        f"no wheels in {tmp_path / 'none'}/: run 'bash benchmarks/gpu_device.sh prepare' first and carry "
+        f"{tmp_path / 'none'}"]

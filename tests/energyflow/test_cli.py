@@ -13,6 +13,7 @@ from energyflow.cli import main
 from energyflow.configurables import parse_recipe
 from energyflow.experiment import evaluate_steps
 from energyflow.runs import load_run
+from golden_corpus import on_the_recorded_corpus
 
 # First five training losses of experiments/transformer_pp_debug.gin (seed 0, CPU, 1 thread) in float64
 # (Trainer.dtype = 'float64'): float64 rounding differences between CPUs and BLAS builds (~1e-16) stay far below
@@ -38,6 +39,7 @@ def debug_run(tmp_path_factory):
     return out, result
 
 
+@on_the_recorded_corpus
 def test_golden_loss_curve(tmp_path):
     gin.clear_config()
     parse_recipe("experiments/transformer_pp_debug.gin", ["Trainer.progress = False", f"OUT_DIR = '{tmp_path}'",

@@ -38,7 +38,8 @@ def _validation(out):
 def _torchrun(tmp_path, recipe, out, bindings, logs):
     """Train ``recipe`` under ``torchrun --nproc_per_node=2`` (gloo); assert that both ranks exited with status
     0 and printed no traceback, abort or warning."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))  # the caller's path kept too
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "--log-dir", str(logs), "--redirects", "3", "-m", "energyflow.cli", "train",
                recipe, "--out", str(out), *(arg for b in bindings for arg in ("--bind", b))]

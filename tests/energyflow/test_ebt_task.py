@@ -15,6 +15,7 @@ from energyflow.models import TextEBM
 from energyflow.objectives import EBTObjective, ReplayBuffer
 from energyflow.optim import param_groups
 from energyflow.tasks import EBTLanguageModelTask
+from golden_corpus import on_the_recorded_corpus
 from samplers import GradientDescent, LangevinNoise
 
 # Every training loss of experiments/ebt_system1_debug.gin (seed 0, CPU, 1 thread) in float64
@@ -131,6 +132,7 @@ def _train_recipe(name: str, out, bindings=()) -> object:
     return result
 
 
+@on_the_recorded_corpus
 @pytest.mark.parametrize("rule", sorted(GOLDEN_LOSSES))
 def test_system1_debug_recipe_golden_loss_curve(tmp_path, rule):
     result = _train_recipe("experiments/ebt_system1_debug.gin", tmp_path / "s1",

@@ -14,6 +14,6 @@ def test_import_samplers_pulls_in_no_framework_module():
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('gin', 'energyflow', 'architectures'))\n"
         "print(','.join(bad))\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, check=True)
     assert result.stdout.strip() == "", f"import samplers imported {result.stdout.strip()}"
