@@ -35,6 +35,7 @@ default ``benchmarks/results``).
 
     python benchmarks/gpu_suite.py                   # on the GPU machine
     python benchmarks/gpu_suite.py --smoke --out /tmp/smoke
+    bash benchmarks/gpu_device.sh run                # on the workplace's GPU machine (see that script)
 """
 from __future__ import annotations
 
