@@ -31,6 +31,7 @@ case "${1:-}" in
     ls "$WHEEL_DIR"/*.whl >/dev/null 2>&1 || {
       echo "no wheels in $WHEEL_DIR/: run 'bash benchmarks/gpu_device.sh prepare' first and carry $WHEEL_DIR" >&2; exit 2; }
     site=$(mktemp -d)
+    trap 'rm -rf "$site"' EXIT
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$WHEEL_DIR"/*.whl
     export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
     out=${OUT:-benchmarks/results}
@@ -39,9 +40,7 @@ case "${1:-}" in
     "$PYTHON" -c "import torch, pyro, gin; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'pyro', pyro.__version__)"
     set +e
     "$PYTHON" benchmarks/gpu_suite.py --out "$out" "$@" 2>&1 | tee "$out/gpu_suite.log"
-    status=${PIPESTATUS[0]}
-    rm -rf "$site"
-    exit "$status"
+    exit "${PIPESTATUS[0]}"
     ;;
   *)
     echo "usage: bash benchmarks/gpu_device.sh prepare | run [gpu_suite.py options]" >&2

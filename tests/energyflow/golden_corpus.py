@@ -12,10 +12,8 @@ from energyflow.data.text import pydoc_corpus
 RECORDED = "71f2ff5d99bdc1f9"  # sha256 (first 16 hex digits) of pydoc_corpus() on Python 3.11.7
 
 
-def fingerprint() -> str:
-    return hashlib.sha256(pydoc_corpus()).hexdigest()[:16]
-
+FINGERPRINT = hashlib.sha256(pydoc_corpus()).hexdigest()[:16]  # this Python's
 
 on_the_recorded_corpus = pytest.mark.skipif(
-    fingerprint() != RECORDED,
-    reason=f"golden values are of Python 3.11.7's pydoc_data corpus ({RECORDED}); this Python's is {fingerprint()}")
+    FINGERPRINT != RECORDED,
+    reason=f"golden values are of Python 3.11.7's pydoc_data corpus ({RECORDED}); this Python's is {FINGERPRINT}")
